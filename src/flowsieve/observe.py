@@ -1,0 +1,432 @@
+"""The observation seam: the one module that touches transformers internals for observation.
+
+An attention function registered with transformers' ``AttentionInterface`` (and its mask with
+``AttentionMaskInterface``, without which a multi-token chunk on top of a cache is silently computed
+with the wrong causal alignment) produces the model's attention output and, while an :class:`Observer`
+is active, records per layer what scorers ask for:
+
+- attention rows of chosen query positions (last token, a window, the question span, CLS);
+- attention received by every key, summed over all queries, computed query chunk by query chunk
+  so that no ``T x T`` matrix is ever held (H2O's accumulated attention);
+- per-head statistics: mass on the first token, normalised row entropy, output norm (for sink and
+  dormant-head detection);
+- key and value norms, and the value-value "semantic" rows FlowCut needs;
+- hidden-state transitions of the attention and MLP blocks (TransPrune's TTV), through forward hooks.
+
+Shapes: B batch, H query heads, Hk key/value heads, g = H / Hk, q new tokens, L keys (cache + new).
+
+When a signal that needs every query row is requested (``received`` or ``head_stats``), the output
+is computed in the same chunked pass from the same probabilities (``softmax(q k^T) v``, fp32
+softmax), so the attention is not computed twice; it matches stock SDPA to float tolerance
+(tested to 1e-5). Otherwise the stock SDPA function produces the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowsieve.errors import FlowsieveError
+
+ATTN_NAME = "flowsieve"
+_ACTIVE: contextvars.ContextVar[Observer | None] = contextvars.ContextVar("flowsieve_observer", default=None)
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the observation attention and its mask function with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+@dataclass
+class ObserveSpec:
+    """What to record. Everything is off by default; a scorer turns on what it needs.
+
+    Attributes:
+        rows: absolute query positions whose attention rows (and value-value rows) are recorded.
+            Negative numbers count from the end of the *first* forward pass (``-1`` = its last token).
+        received: sum of attention received per key over all queries (chunked).
+        head_stats: per-head first-token mass, normalised row entropy and output norm.
+        norms: L2 norms of keys and values per KV head.
+        transitions: TTV inputs (norm ratio and cosine distance of attention/MLP blocks).
+        layers: restrict to these layer indices (None = all).
+        chunk: query rows per chunk when every row is needed.
+    """
+
+    rows: Sequence[int] = ()
+    received: bool = False
+    head_stats: bool = False
+    norms: bool = False
+    transitions: bool = False
+    layers: Sequence[int] | None = None
+    chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise FlowsieveError(f"chunk must be >= 1, got {self.chunk}")
+
+    @property
+    def needs_all_rows(self) -> bool:
+        return self.received or self.head_stats
+
+
+@dataclass
+class LayerObs:
+    """What one layer recorded. Tensors are float32 on CPU.
+
+    Attributes:
+        rows: position -> attention probabilities of that query, (B, H, L).
+        vv_rows: position -> softmax over keys of (value of that query) . (values), per KV head, (B, Hk, L).
+        received: attention received per key, summed over queries, (B, H, L).
+        visible: number of queries that could see each key, (B, L).
+        first_mass / row_entropy / out_norm: per-head sums over queries, (B, H); divide by ``n_rows``.
+        key_norm / value_norm: (B, Hk, L) for the keys present at the last call.
+        value_l1: L1 norm of the head-mean value vector per key, (B, L) (FlowCut's weighting).
+        ttv: per-block (``"attn"``, ``"mlp"``) lists of (norm ratio, cosine distance), each (B, T).
+    """
+
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    vv_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    received: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
+    first_mass: torch.Tensor | None = None
+    row_entropy: torch.Tensor | None = None
+    out_norm: torch.Tensor | None = None
+    n_rows: int = 0
+    key_norm: torch.Tensor | None = None
+    value_norm: torch.Tensor | None = None
+    value_l1: torch.Tensor | None = None
+    ttv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+def _add_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """acc[..., offset:offset+n] += new, growing ``acc`` along the last dim as the sequence grows."""
+    end = offset + new.shape[-1]
+    if acc is None:
+        acc = new.new_zeros((*new.shape[:-1], end))
+    elif acc.shape[-1] < end:
+        pad = new.new_zeros((*acc.shape[:-1], end - acc.shape[-1]))
+        acc = torch.cat([acc, pad], dim=-1)
+    acc[..., offset:end] += new
+    return acc
+
+
+class Observer:
+    """Collects :class:`LayerObs` for one model while active. Use :func:`observe`."""
+
+    def __init__(self, model: nn.Module, spec: ObserveSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.layers: dict[int, LayerObs] = {}
+        self.attn_modules = attention_modules(model)
+        self._module_ids = {id(m) for m in self.attn_modules}
+        self._first_len: int | None = None  # tokens after the first forward (resolves negative rows)
+        self._seen: dict[int, int] = {}  # layer -> tokens already in its cache when the call started
+        self.on_layer: Callable[[int], None] | None = None
+
+    def layer(self, idx: int) -> LayerObs:
+        if idx not in self.layers:
+            self.layers[idx] = LayerObs()
+        return self.layers[idx]
+
+    def wants(self, idx: int) -> bool:
+        return self.spec.layers is None or idx in self.spec.layers
+
+    def row_positions(self, total: int) -> list[int]:
+        if self._first_len is None:
+            self._first_len = total
+        return sorted({p if p >= 0 else self._first_len + p for p in self.spec.rows})
+
+
+# ----------------------------------------------------------------------------------------- adapter
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (Llama/Gemma/Qwen ``model.layers``, BERT ``encoder.layer``, GPT-2 ``h``)."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "model.layers", "language_model.layers", "encoder.layer", "h", "transformer.h"):
+        obj: Any = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise FlowsieveError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """One self-attention module per layer, in layer order; each gets a ``layer_idx`` if missing."""
+    mods = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None and hasattr(layer, "attention"):  # BERT: layer.attention.self
+            attn = getattr(layer.attention, "self", None)
+        if attn is None:
+            attn = getattr(layer, "attn", None)
+        if attn is None:
+            raise FlowsieveError(f"cannot find the attention module of layer {i} in {type(model).__name__}")
+        if getattr(attn, "layer_idx", None) is None:
+            attn.layer_idx = i
+        mods.append(attn)
+    return mods
+
+
+def _layer_blocks(layer: nn.Module) -> dict[str, nn.Module]:
+    blocks = {}
+    if hasattr(layer, "self_attn"):
+        blocks["attn"] = layer.self_attn
+    if hasattr(layer, "mlp"):
+        blocks["mlp"] = layer.mlp
+    return blocks
+
+
+def supports_transitions(model: nn.Module) -> bool:
+    """TTV needs separate attention and MLP blocks with (normed input) -> (output before the residual)."""
+    return all(len(_layer_blocks(layer)) == 2 for layer in decoder_layers(model))
+
+
+def is_causal(model: nn.Module) -> bool:
+    return bool(getattr(attention_modules(model)[0], "is_causal", True))
+
+
+# -------------------------------------------------------------------------------- attention function
+
+
+def _allowed_chunk(
+    attention_mask: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, a: int, b: int, device: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Mask for query rows [a, b): (bool allowed (B|1, 1, c, n) or None, additive float mask or None, n).
+
+    ``n`` is the number of leading keys any of these rows can see. Mirrors what the stock SDPA path
+    does with the same arguments (None + causal + q > 1 means top-left causal over the first q keys).
+    """
+    if attention_mask is None:
+        if causal and q_len > 1:
+            n = min(b, kv_len)
+            i = torch.arange(a, b, device=device)[:, None]
+            j = torch.arange(n, device=device)[None, :]
+            return (j <= i)[None, None], None, n
+        return None, None, kv_len
+    m = attention_mask[:, :, a:b, :kv_len]
+    if m.dtype == torch.bool:
+        return m, None, kv_len
+    return None, m, kv_len
+
+
+def _attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query (B, H, q, d); key/value (B, Hk, L, d) after the cache update -> output (B, q, H, d)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    obs = _ACTIVE.get()
+    idx = getattr(module, "layer_idx", None)
+    if obs is None or id(module) not in obs._module_ids or idx is None or not obs.wants(idx):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise FlowsieveError("observation does not support attention soft-capping or position bias")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    spec = obs.spec
+    rec = obs.layer(idx)
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    B, H, q, d = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    g = H // Hk
+    # absolute coordinates: queries are tokens [seen, seen+q); the L keys are tokens [koff, koff+L)
+    # (a sliding-window layer stores only the last tokens, so koff > 0 there)
+    seen = obs._seen.get(idx, 0)
+    total = seen + q
+    koff = total - L
+    rows = [p for p in obs.row_positions(total) if seen <= p < total]
+
+    if spec.norms or rows:
+        # FlowCut weights a token by the L1 norm of its head-mean value vector
+        rec.value_l1 = _absolute(value.float().mean(1).abs().sum(-1), koff, total)
+    if spec.norms:
+        rec.key_norm = _absolute(key.float().norm(dim=-1), koff, total)
+        rec.value_norm = _absolute(value.float().norm(dim=-1), koff, total)
+
+    out: torch.Tensor | None = None
+    if spec.needs_all_rows:
+        out = torch.empty(B, q, H, value.shape[-1], dtype=query.dtype, device=query.device)
+        chunk = spec.chunk
+        for a in range(0, q, chunk):
+            b = min(a + chunk, q)
+            probs, n, allowed = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+            vg = value[:, :, :n]
+            # (B,Hk,g,c,n) @ (B,Hk,1,n,d) -> (B,Hk,g,c,d)
+            o = probs.view(B, Hk, g, b - a, n).to(value.dtype) @ vg[:, :, None]
+            out[:, a:b] = o.reshape(B, H, b - a, -1).transpose(1, 2)
+            _accumulate(rec, spec, probs, allowed, o.reshape(B, H, b - a, -1), koff)
+            for p in rows:
+                if seen + a <= p < seen + b:
+                    rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
+        rec.n_rows += q
+    else:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        for p in rows:
+            i = p - seen
+            probs, n, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
+            rec.rows[p] = _absolute(probs[:, :, 0], koff, total)
+    for p in rows:
+        # value-value "semantic" attention of FlowCut: softmax_j(v_p . v_j / sqrt(d)) per KV head,
+        # over the keys the query can see (causal: up to and including p)
+        vf = value[:, :, : p - koff + 1].float() if causal else value.float()
+        vp = value[:, :, p - koff : p - koff + 1].float()  # (B,Hk,1,d)
+        vv = (vp @ vf.transpose(-1, -2)) / math.sqrt(value.shape[-1])
+        rec.vv_rows[p] = _absolute(torch.softmax(vv[:, :, 0], dim=-1), koff, total)
+    if obs.on_layer is not None:
+        obs.on_layer(idx)
+    return out, None
+
+
+def _absolute(x: torch.Tensor, koff: int, total: int) -> torch.Tensor:
+    """Place per-key values (..., n) for tokens [koff, koff+n) into a zero row of length ``total``."""
+    return torch.nn.functional.pad(x.float(), (koff, total - koff - x.shape[-1]))
+
+
+def _chunk_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float,
+    a: int,
+    b: int,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Attention probabilities of query rows [a, b) over the first n keys.
+
+    Returns:
+        probs (B, H, c, n) in fp32, n, and the bool visibility mask (B|1, 1, c, n).
+    """
+    B, H, q, d = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    g = H // Hk
+    allowed, additive, n = _allowed_chunk(attention_mask, causal, q, L, a, b, query.device)
+    c = b - a
+    # group query heads by their KV head instead of repeating K: (B,Hk,g*c,d) @ (B,Hk,d,n)
+    qg = query[:, :, a:b].reshape(B, Hk, g * c, d)
+    s = (qg @ key[:, :, :n].transpose(-1, -2)).view(B, H, c, n).float() * scaling
+    if additive is not None:
+        s = s + additive.float()
+        allowed = additive > torch.finfo(additive.dtype).min / 2
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    else:
+        allowed = torch.ones(1, 1, c, n, dtype=torch.bool, device=query.device)
+    p = torch.softmax(s, dim=-1)
+    # a fully masked row (padding) gives NaN in softmax; SDPA returns zeros there
+    return torch.nan_to_num(p, nan=0.0), n, allowed
+
+
+def _accumulate(
+    rec: LayerObs, spec: ObserveSpec, probs: torch.Tensor, allowed: torch.Tensor, out: torch.Tensor, koff: int
+) -> None:
+    """Fold one chunk of probabilities (B, H, c, n) into the running per-layer statistics."""
+    B = probs.shape[0]
+    if spec.received:
+        rec.received = _add_growing(rec.received, probs.sum(-2), koff)
+        vis_cols = allowed[:, 0].sum(-2).float().expand(B, -1)  # (B, n) queries that could see each key
+        rec.visible = _add_growing(rec.visible, vis_cols, koff)
+    if spec.head_stats:
+        vis = allowed.sum(-1).float().expand(B, probs.shape[1], -1)  # (B,H,c) keys each row could see
+        ent = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)  # (B,H,c)
+        norm_ent = torch.where(vis > 1, ent / torch.log(vis.clamp(min=2)), torch.zeros_like(ent))
+        first = probs[..., 0]
+        onorm = out.float().norm(dim=-1)  # (B,H,c)
+        for name, val in (("first_mass", first), ("row_entropy", norm_ent), ("out_norm", onorm)):
+            setattr(rec, name, _add_growing(getattr(rec, name), val.sum(-1)))
+
+
+# --------------------------------------------------------------------------------- transitions (TTV)
+
+
+def _transition_hooks(obs: Observer) -> list[Any]:
+    handles = []
+    for i, layer in enumerate(decoder_layers(obs.model)):
+        if not obs.wants(i):
+            continue
+        blocks = _layer_blocks(layer)
+        if len(blocks) != 2:
+            raise FlowsieveError(
+                f"transition signals need separate attention and MLP blocks; "
+                f"{type(layer).__name__} does not expose them"
+            )
+        for name, mod in blocks.items():
+
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = i, name: str = name) -> None:
+                before = kwargs.get("hidden_states", args[0] if args else None)
+                after = output[0] if isinstance(output, tuple) else output
+                if before is None or after is None:
+                    return
+                b, a = before.float(), after.float()
+                ratio = a.norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-12)  # (B,T)
+                dist = 1.0 - torch.nn.functional.cosine_similarity(b, a, dim=-1)  # (B,T)
+                obs.layer(i).ttv.setdefault(name, []).append((ratio, dist))
+
+            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    return handles
+
+
+def _offset_hooks(obs: Observer) -> list[Any]:
+    """Record, before each attention call, how many tokens its cache layer already holds."""
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        i = mod.layer_idx
+        seen = 0
+        if cache is not None and hasattr(cache, "layers") and i < len(cache.layers):
+            seen = int(cache.get_seq_length(i))
+        obs._seen[i] = seen
+
+    return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in obs.attn_modules]
+
+
+@contextlib.contextmanager
+def observe(model: nn.Module, spec: ObserveSpec) -> Iterator[Observer]:
+    """Record observations of every forward pass of ``model`` inside the block.
+
+    The model's attention implementation is switched to the observation function and restored on
+    exit; hooks are always removed, also when the block raises.
+    """
+    register()
+    obs = Observer(model, spec)
+    previous = model.config._attn_implementation
+    handles = _offset_hooks(obs) + (_transition_hooks(obs) if spec.transitions else [])
+    token = _ACTIVE.set(obs)
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        yield obs
+    finally:
+        _ACTIVE.reset(token)
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(previous)
