@@ -61,11 +61,13 @@ class ObserveSpec:
         rows: absolute query positions whose attention rows (and value-value rows) are recorded.
             Negative numbers count from the end of the *first* forward pass (``-1`` = its last token).
         received: sum of attention received per key over all queries (chunked).
-        head_stats: per-head first-token mass, normalised row entropy and output norm.
+        head_stats: per-head first-token mass and output norm (all rows) and normalised row
+            entropy (every ``entropy_stride``-th row of each chunk).
         norms: L2 norms of keys and values per KV head.
         transitions: TTV inputs (norm ratio and cosine distance of attention/MLP blocks).
         layers: restrict to these layer indices (None = all).
-        chunk: query rows per chunk when every row is needed.
+        chunk: query rows per chunk when every row is needed; None sizes chunks so that one
+            chunk of scores (H x chunk x L floats) stays near 8 MiB, which keeps it in cache.
     """
 
     rows: Sequence[int] = ()
@@ -74,11 +76,12 @@ class ObserveSpec:
     norms: bool = False
     transitions: bool = False
     layers: Sequence[int] | None = None
-    chunk: int = 256
+    chunk: int | None = None
+    entropy_stride: int = 8
 
     def __post_init__(self) -> None:
-        if self.chunk < 1:
-            raise FlowsieveError(f"chunk must be >= 1, got {self.chunk}")
+        if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1:
+            raise FlowsieveError(f"chunk and entropy_stride must be >= 1, got {self.chunk}, {self.entropy_stride}")
 
     @property
     def needs_all_rows(self) -> bool:
@@ -94,7 +97,8 @@ class LayerObs:
         vv_rows: position -> softmax over keys of (value of that query) . (values), per KV head, (B, Hk, L).
         received: attention received per key, summed over queries, (B, H, L).
         visible: number of queries that could see each key, (B, L).
-        first_mass / row_entropy / out_norm: per-head sums over queries, (B, H); divide by ``n_rows``.
+        first_mass / out_norm: per-head sums over queries, (B, H); divide by ``n_rows``.
+        row_entropy: per-head sum of normalised row entropy over sampled rows; divide by ``n_entropy_rows``.
         key_norm / value_norm: (B, Hk, L) for the keys present at the last call.
         value_l1: L1 norm of the head-mean value vector per key, (B, L) (FlowCut's weighting).
         ttv: per-block (``"attn"``, ``"mlp"``) lists of (norm ratio, cosine distance), each (B, T).
@@ -108,6 +112,7 @@ class LayerObs:
     row_entropy: torch.Tensor | None = None
     out_norm: torch.Tensor | None = None
     n_rows: int = 0
+    n_entropy_rows: int = 0
     key_norm: torch.Tensor | None = None
     value_norm: torch.Tensor | None = None
     value_l1: torch.Tensor | None = None
@@ -208,25 +213,20 @@ def is_causal(model: nn.Module) -> bool:
 # -------------------------------------------------------------------------------- attention function
 
 
-def _allowed_chunk(
-    attention_mask: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, a: int, b: int, device: Any
-) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Mask for query rows [a, b): (bool allowed (B|1, 1, c, n) or None, additive float mask or None, n).
+def _mask_chunk(
+    attention_mask: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, a: int, b: int
+) -> tuple[str, torch.Tensor | None, int]:
+    """How to mask query rows [a, b): (kind, mask, n) with kind in {"none", "causal", "bool", "float"}.
 
-    ``n`` is the number of leading keys any of these rows can see. Mirrors what the stock SDPA path
-    does with the same arguments (None + causal + q > 1 means top-left causal over the first q keys).
+    ``n`` is the number of leading keys any of these rows can see. Mirrors the stock SDPA path for the
+    same arguments (no mask + causal + q > 1 means top-left causal over the first q keys).
     """
     if attention_mask is None:
         if causal and q_len > 1:
-            n = min(b, kv_len)
-            i = torch.arange(a, b, device=device)[:, None]
-            j = torch.arange(n, device=device)[None, :]
-            return (j <= i)[None, None], None, n
-        return None, None, kv_len
+            return "causal", None, min(b, kv_len)
+        return "none", None, kv_len
     m = attention_mask[:, :, a:b, :kv_len]
-    if m.dtype == torch.bool:
-        return m, None, kv_len
-    return None, m, kv_len
+    return ("bool" if m.dtype == torch.bool else "float"), m, kv_len
 
 
 def _attention(
@@ -275,15 +275,15 @@ def _attention(
     out: torch.Tensor | None = None
     if spec.needs_all_rows:
         out = torch.empty(B, q, H, value.shape[-1], dtype=query.dtype, device=query.device)
-        chunk = spec.chunk
+        chunk = spec.chunk or max(16, min(1024, (1 << 21) // max(1, H * L)))
         for a in range(0, q, chunk):
             b = min(a + chunk, q)
-            probs, n, allowed = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+            probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
             vg = value[:, :, :n]
             # (B,Hk,g,c,n) @ (B,Hk,1,n,d) -> (B,Hk,g,c,d)
             o = probs.view(B, Hk, g, b - a, n).to(value.dtype) @ vg[:, :, None]
             out[:, a:b] = o.reshape(B, H, b - a, -1).transpose(1, 2)
-            _accumulate(rec, spec, probs, allowed, o.reshape(B, H, b - a, -1), koff)
+            _accumulate(rec, spec, probs, vis, o.reshape(B, H, b - a, -1), koff)
             for p in rows:
                 if seen + a <= p < seen + b:
                     rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
@@ -321,45 +321,72 @@ def _chunk_probs(
     scaling: float,
     a: int,
     b: int,
-) -> tuple[torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]:
     """Attention probabilities of query rows [a, b) over the first n keys.
 
     Returns:
-        probs (B, H, c, n) in fp32, n, and the bool visibility mask (B|1, 1, c, n).
+        probs (B, H, c, n) in fp32; n; and visibility counts: keys each row can see (B|1, 1, c) and
+        rows that can see each key (B|1, n).
     """
     B, H, q, d = query.shape
     Hk, L = key.shape[1], key.shape[2]
     g = H // Hk
-    allowed, additive, n = _allowed_chunk(attention_mask, causal, q, L, a, b, query.device)
+    kind, mask, n = _mask_chunk(attention_mask, causal, q, L, a, b)
     c = b - a
     # group query heads by their KV head instead of repeating K: (B,Hk,g*c,d) @ (B,Hk,d,n)
-    qg = query[:, :, a:b].reshape(B, Hk, g * c, d)
-    s = (qg @ key[:, :, :n].transpose(-1, -2)).view(B, H, c, n).float() * scaling
-    if additive is not None:
-        s = s + additive.float()
-        allowed = additive > torch.finfo(additive.dtype).min / 2
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    qg = (query[:, :, a:b].float() * scaling).reshape(B, Hk, g * c, d)
+    s = (qg @ key[:, :, :n].float().transpose(-1, -2)).view(B, H, c, n)
+    dev = query.device
+    if kind == "causal":
+        # keys [0, a) are visible to every row; only the last c x c block is triangular
+        tri = torch.ones(c, c, dtype=torch.bool, device=dev).triu(1)
+        s[..., n - c :].masked_fill_(tri, float("-inf"))
+        rows_vis = torch.arange(a + 1, b + 1, device=dev, dtype=torch.float32).view(1, 1, c)
+        cols_vis = torch.full((1, n), float(c), device=dev)
+        cols_vis[0, n - c :] = torch.arange(c, 0, -1, device=dev, dtype=torch.float32)
+    elif kind == "none":
+        rows_vis = torch.full((1, 1, c), float(n), device=dev)
+        cols_vis = torch.full((1, n), float(c), device=dev)
     else:
-        allowed = torch.ones(1, 1, c, n, dtype=torch.bool, device=query.device)
+        assert mask is not None
+        if kind == "float":
+            s = s + mask.float()
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+        else:
+            allowed = mask
+        s = s.masked_fill(~allowed, float("-inf"))
+        rows_vis = allowed.sum(-1).float()[:, :1]
+        cols_vis = allowed[:, 0].sum(-2).float()
     p = torch.softmax(s, dim=-1)
-    # a fully masked row (padding) gives NaN in softmax; SDPA returns zeros there
-    return torch.nan_to_num(p, nan=0.0), n, allowed
+    if kind in ("bool", "float"):
+        # a fully masked row (padding) gives NaN in softmax; SDPA returns zeros there
+        p = torch.nan_to_num_(p, nan=0.0)
+    return p, n, (rows_vis, cols_vis)
 
 
 def _accumulate(
-    rec: LayerObs, spec: ObserveSpec, probs: torch.Tensor, allowed: torch.Tensor, out: torch.Tensor, koff: int
+    rec: LayerObs,
+    spec: ObserveSpec,
+    probs: torch.Tensor,
+    vis: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    koff: int,
 ) -> None:
     """Fold one chunk of probabilities (B, H, c, n) into the running per-layer statistics."""
     B = probs.shape[0]
+    rows_vis, cols_vis = vis
     if spec.received:
         rec.received = _add_growing(rec.received, probs.sum(-2), koff)
-        vis_cols = allowed[:, 0].sum(-2).float().expand(B, -1)  # (B, n) queries that could see each key
-        rec.visible = _add_growing(rec.visible, vis_cols, koff)
+        rec.visible = _add_growing(rec.visible, cols_vis.expand(B, -1), koff)
     if spec.head_stats:
-        vis = allowed.sum(-1).float().expand(B, probs.shape[1], -1)  # (B,H,c) keys each row could see
-        ent = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)  # (B,H,c)
+        # row entropy on every ``entropy_stride``-th row: a full pass of log over all rows costs
+        # as much as the attention itself, and a head-level mean needs far fewer rows
+        st = spec.entropy_stride
+        sub = probs[:, :, ::st]
+        vis = rows_vis[..., ::st].expand(B, probs.shape[1], -1)  # (B,H,c') keys each row could see
+        ent = torch.special.entr(sub).sum(-1)  # (B,H,c')
         norm_ent = torch.where(vis > 1, ent / torch.log(vis.clamp(min=2)), torch.zeros_like(ent))
+        rec.n_entropy_rows += sub.shape[2]
         first = probs[..., 0]
         onorm = out.float().norm(dim=-1)  # (B,H,c)
         for name, val in (("first_mass", first), ("row_entropy", norm_ent), ("out_norm", onorm)):

