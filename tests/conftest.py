@@ -74,3 +74,24 @@ def smollm2():
     import flowsieve
 
     return flowsieve.load("smollm2")
+
+
+class CharTokenizer:
+    """A character-level tokenizer over ASCII (ids < 128) with offsets, for tiny-model tests."""
+
+    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True, return_tensors=None):
+        ids = [min(ord(ch), 127) for ch in text]
+        enc = {"input_ids": ids}
+        if return_offsets_mapping:
+            enc["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        if return_tensors == "pt":
+            enc = {"input_ids": torch.tensor([ids])}
+        return enc
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.fixture
+def char_tok():
+    return CharTokenizer()

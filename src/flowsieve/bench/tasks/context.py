@@ -67,9 +67,14 @@ def build_context(
     if abs(best.tokens - target) > TOLERANCE * target:
         best = b.cut_words(best, target)
     if abs(best.tokens - target) > TOLERANCE * target:
+        why = (
+            f"the source text ran out after {sum(b.est)} tokens"
+            if b.dry
+            else f"the inserted text alone is {b.fixed} tokens"
+        )
         raise FlowsieveError(
             f"cannot build a context of {target} tokens (±{TOLERANCE:.0%}): the closest has "
-            f"{best.tokens}; the inserted text alone is {b.fixed} tokens"
+            f"{best.tokens}; {why}"
         )
     return best
 
@@ -85,12 +90,14 @@ class _Builder:
         self.fixed = sum(counter.piece(i.unit.text) for i in inserts)
         self.fillers: list[Unit] = []
         self.est: list[int] = []  # tokens of each filler, counted alone
+        self.dry = False  # the stream has run out
 
     def grow(self, k: int) -> bool:
         """Take units from the stream until there are ``k``; False when it runs dry."""
         while len(self.fillers) < k:
             unit = next(self.stream, None)
             if unit is None:
+                self.dry = True
                 return False
             self.fillers.append(unit)
             self.est.append(self.counter.piece(unit.text))
