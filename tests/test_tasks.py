@@ -287,14 +287,8 @@ def test_missing_data_package(monkeypatch):
 
 
 @pytest.mark.integration
-def test_real_tokenizer_if_cached():
-    transformers = pytest.importorskip("transformers")
-    from flowsieve.models import cache_dir
-
-    path = cache_dir() / "models" / f"smollm2-tf{transformers.__version__}"
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("the converted SmolLM2 is not cached (flowsieve.load('smollm2') makes it)")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+def test_real_tokenizer(smollm2):
+    _, tok = smollm2
     for name in ("needle", "multi_thread", "qa"):
         for item in get_task(name, length=1500).items(tok, 2, seed=0):
             n = len(tok(item.context, add_special_tokens=False)["input_ids"])

@@ -286,7 +286,12 @@ _SCRIPT = r"""
         if (k === "heads" && headMetrics.indexOf(v) >= 0) state.heads = v;
       });
     })();
+    var hashTimer = 0;
     function writeHash() {
+      clearTimeout(hashTimer);
+      hashTimer = setTimeout(writeHashNow, 250);
+    }
+    function writeHashNow() {
       var h = "#layer=" + state.layer + "&signal=" + encodeURIComponent(state.signal || "") +
         "&scale=" + state.scale;
       try { history.replaceState(null, "", h); } catch (e) { /* not allowed here */ }
@@ -393,7 +398,8 @@ _SCRIPT = r"""
 
     function tokenTitle(i, raw, norm) {
       var lines = ["#" + i + "  " + repr(tokens[i]),
-        state.signal + " at layer " + state.layer + ": " + (isNum(raw) ? String(raw) : "n/a") +
+        (state.signal || "no signal") + " at layer " + state.layer + ": " +
+        (isNum(raw) ? String(raw) : "n/a") +
         (isNum(norm) ? "  (" + Math.round(norm * 100) + "% of scale)" : "")];
       if (i === relay) lines.push("relay token");
       if (qs && i >= qs[0] && i < qs[1]) lines.push("question");
