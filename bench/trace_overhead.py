@@ -73,7 +73,13 @@ def child(mode: str, model_name: str, n_tokens: int, threads: int) -> dict:
     stop.set()
     th.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
-    return {"mode": mode, "tokens": n, "wall_s": wall, "rss_base_mb": base / 2**20, "rss_peak_mb": peak[0] / 2**20}
+    return {
+        "mode": mode,
+        "tokens": n,
+        "wall_s": wall,
+        "rss_base_mb": base / 2**20,
+        "rss_peak_mb": peak[0] / 2**20,
+    }
 
 
 def main() -> None:
@@ -90,13 +96,30 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"plain": [], "trace": []}
     for r in range(a.repeats):
         for mode in ("plain", "trace") if r % 2 == 0 else ("trace", "plain"):
-            cmd = [sys.executable, __file__, "--child", mode, "--model", a.model, "--tokens", str(a.tokens),
-                   "--threads", str(a.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--model",
+                a.model,
+                "--tokens",
+                str(a.tokens),
+                "--threads",
+                str(a.threads),
+            ]
+            out = (
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             row = json.loads(out)
             runs[mode].append(row)
-            print(f"  {mode:<5} {row['tokens']} tokens  {row['wall_s']:.2f} s  peak RSS {row['rss_peak_mb']:.0f} MB "
-                  f"(after load {row['rss_base_mb']:.0f} MB)", flush=True)
+            print(
+                f"  {mode:<5} {row['tokens']} tokens  {row['wall_s']:.2f} s  peak RSS {row['rss_peak_mb']:.0f} MB "
+                f"(after load {row['rss_base_mb']:.0f} MB)",
+                flush=True,
+            )
 
     def med(mode: str, key: str) -> float:
         return statistics.median(x[key] for x in runs[mode])
@@ -105,11 +128,17 @@ def main() -> None:
     rss = med("trace", "rss_peak_mb") / med("plain", "rss_peak_mb")
     inc_t = med("trace", "rss_peak_mb") - med("trace", "rss_base_mb")
     inc_p = med("plain", "rss_peak_mb") - med("plain", "rss_base_mb")
-    print(f"model {a.model}, {runs['plain'][0]['tokens']} tokens, {a.threads} threads, {a.repeats} runs each (medians)")
-    print(f"plain forward: {med('plain', 'wall_s'):.2f} s, peak RSS {med('plain', 'rss_peak_mb'):.0f} MB "
-          f"(+{inc_p:.0f} MB over the loaded model)")
-    print(f"trace job:     {med('trace', 'wall_s'):.2f} s, peak RSS {med('trace', 'rss_peak_mb'):.0f} MB "
-          f"(+{inc_t:.0f} MB over the loaded model)")
+    print(
+        f"model {a.model}, {runs['plain'][0]['tokens']} tokens, {a.threads} threads, {a.repeats} runs each (medians)"
+    )
+    print(
+        f"plain forward: {med('plain', 'wall_s'):.2f} s, peak RSS {med('plain', 'rss_peak_mb'):.0f} MB "
+        f"(+{inc_p:.0f} MB over the loaded model)"
+    )
+    print(
+        f"trace job:     {med('trace', 'wall_s'):.2f} s, peak RSS {med('trace', 'rss_peak_mb'):.0f} MB "
+        f"(+{inc_t:.0f} MB over the loaded model)"
+    )
     print(f"wall-time ratio trace/plain: {wall:.2f}  (target <= 1.30)")
     print(f"peak-RSS ratio trace/plain:  {rss:.2f}  (target <= 1.50)")
 

@@ -23,12 +23,15 @@ def _run(capsys, *argv):
         (["trace", "--text", "hello", "--question", " ", "--json", "x.json"], "the question is empty"),
         (["trace", "--text", "hello"], "nothing to write"),
         (["trace", "--model", "smolm2", "--text", "hi", "--json", "x.json"], "did you mean 'smollm2'"),
-        (["trace", "--model", "gema3-270m", "--text", "hi", "--json", "x.json"], "did you mean 'gemma3-270m'"),
+        (
+            ["trace", "--model", "gema3-270m", "--text", "hi", "--json", "x.json"],
+            "did you mean 'gemma3-270m'",
+        ),
         (["trace", "--threads", "0", "--text", "hi", "--json", "x.json"], "--threads"),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, msg):
-    code, out, err = _run(capsys, *argv)
+    code, _out, err = _run(capsys, *argv)
     assert code == 2
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("flowsieve: error:") and msg in lines[0], err

@@ -30,7 +30,9 @@ def test_smollm2_loads_from_cache_quickly(smollm2):
 
 def test_smollm2_observation_matches_sdpa(smollm2):
     model, tok = smollm2
-    ids = tok("The lighthouse keeper wrote the weather in a green ledger every day.", return_tensors="pt")["input_ids"]
+    ids = tok("The lighthouse keeper wrote the weather in a green ledger every day.", return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.inference_mode():
         ref = model(ids).logits
         with observe(model, ObserveSpec(rows=(-1,), received=True, head_stats=True, transitions=True)) as obs:
@@ -41,10 +43,25 @@ def test_smollm2_observation_matches_sdpa(smollm2):
 
 def test_trace_cli_end_to_end(smollm2, tmp_path):
     out_json, out_html = tmp_path / "t.json", tmp_path / "t.html"
-    cmd = [sys.executable, "-m", "flowsieve.cli", "trace", "--model", "smollm2",
-           "--text-file", str(ROOT / "examples/lighthouse.txt"),
-           "--question", "Who kept the lighthouse lamp burning during the storm?",
-           "--json", str(out_json), "--html", str(out_html), "--quiet", "--threads", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowsieve.cli",
+        "trace",
+        "--model",
+        "smollm2",
+        "--text-file",
+        str(ROOT / "examples/lighthouse.txt"),
+        "--question",
+        "Who kept the lighthouse lamp burning during the storm?",
+        "--json",
+        str(out_json),
+        "--html",
+        str(out_html),
+        "--quiet",
+        "--threads",
+        "2",
+    ]
     subprocess.run(cmd, check=True, timeout=600)
     t = json.loads(out_json.read_text())
     for key in ("model", "tokens", "n_layers", "scores", "sinks", "dormant_heads"):
@@ -63,7 +80,6 @@ def test_trace_cli_end_to_end(smollm2, tmp_path):
 def test_trace_too_long_text(smollm2, capsys):
     from flowsieve.cli import main
 
-    model, tok = smollm2
     code = main(["trace", "--text", "word " * 9000, "--json", "/tmp/never.json", "--quiet"])
     assert code == 2
     assert "longer than the model's context of 8192" in capsys.readouterr().err

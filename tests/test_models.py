@@ -38,13 +38,13 @@ def test_local_dir_tiny_model_roundtrip(tmp_path):
 
     model = tiny_llama()
     model.save_pretrained(tmp_path, safe_serialization=True)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(tmp_path)
-    loaded, tok = load(str(tmp_path))
+    loaded, _tok = load(str(tmp_path))
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert context_length(loaded) == 256
     assert not loaded.training
@@ -53,7 +53,6 @@ def test_local_dir_tiny_model_roundtrip(tmp_path):
 def test_pickle_only_checkpoint_refused(tmp_path):
     """Weights load from safetensors only: a directory with just a pickle is not loaded."""
     import torch
-
     from conftest import tiny_llama
 
     model = tiny_llama()

@@ -19,7 +19,9 @@ def _eager_attentions(model, ids, **kw):
     return out
 
 
-@pytest.mark.parametrize("spec", [ObserveSpec(rows=(-1,)), ObserveSpec(rows=(-1, 3), received=True, head_stats=True, chunk=7)])
+@pytest.mark.parametrize(
+    "spec", [ObserveSpec(rows=(-1,)), ObserveSpec(rows=(-1, 3), received=True, head_stats=True, chunk=7)]
+)
 def test_logits_match_sdpa(tiny_causal, spec):
     _, model = tiny_causal
     ids = torch.randint(0, 128, (2, 29))

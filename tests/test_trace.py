@@ -54,7 +54,9 @@ def test_trace_relay_flow_matches_eager(char_tok):
     for i, a in enumerate(att):
         ref = a[0, :, -1].mean(0)
         assert torch.allclose(torch.tensor(t["scores"]["relay_attention"][i]), ref, atol=1e-5)
-        assert torch.allclose(torch.tensor(t["scores"]["attention_received"][i]), a[0].sum(-2).mean(0), atol=1e-4)
+        assert torch.allclose(
+            torch.tensor(t["scores"]["attention_received"][i]), a[0].sum(-2).mean(0), atol=1e-4
+        )
 
 
 def test_trace_encoder_uses_cls(char_tok):

@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every token at every layer (relay flow, attention received, transitions), "
         "find attention sinks and dormant heads; write JSON and a self-contained HTML page.",
     )
-    t.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, local path or HF id (default {DEFAULT_MODEL})")
+    t.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"bundled name, local path or HF id (default {DEFAULT_MODEL})"
+    )
     src = t.add_mutually_exclusive_group()
     src.add_argument("--text-file", help="UTF-8 text file ('-' reads stdin)")
     src.add_argument("--text", help="the text itself")
@@ -144,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-json", action="store_true", help="print the full trace JSON on stdout")
     t.add_argument("--chunk", type=int, help="query rows per attention chunk (default: automatic)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with a checkpoint")
+    t.add_argument(
+        "--trust-remote-code", action="store_true", help="allow modelling code shipped with a checkpoint"
+    )
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     t.set_defaults(func=cmd_trace)
     return p

@@ -220,9 +220,7 @@ def _load_external(name: str, dtype: Any, trust_remote_code: bool) -> tuple[Any,
             local_only = False
         tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only, **kw)
         cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        model = cls.from_pretrained(
-            src, dtype=dtype, use_safetensors=True, local_files_only=local_only, **kw
-        )
+        model = cls.from_pretrained(src, dtype=dtype, use_safetensors=True, local_files_only=local_only, **kw)
     except FlowsieveError:
         raise
     except (OSError, ValueError) as e:

@@ -81,7 +81,9 @@ class ObserveSpec:
 
     def __post_init__(self) -> None:
         if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1:
-            raise FlowsieveError(f"chunk and entropy_stride must be >= 1, got {self.chunk}, {self.entropy_stride}")
+            raise FlowsieveError(
+                f"chunk and entropy_stride must be >= 1, got {self.chunk}, {self.entropy_stride}"
+            )
 
     @property
     def needs_all_rows(self) -> bool:
@@ -255,7 +257,7 @@ def _attention(
     spec = obs.spec
     rec = obs.layer(idx)
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    B, H, q, d = query.shape
+    B, H, q, _ = query.shape
     Hk, L = key.shape[1], key.shape[2]
     g = H // Hk
     # absolute coordinates: queries are tokens [seen, seen+q); the L keys are tokens [koff, koff+L)
@@ -279,11 +281,10 @@ def _attention(
         for a in range(0, q, chunk):
             b = min(a + chunk, q)
             probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
-            vg = value[:, :, :n]
-            # (B,Hk,g,c,n) @ (B,Hk,1,n,d) -> (B,Hk,g,c,d)
-            o = probs.view(B, Hk, g, b - a, n).to(value.dtype) @ vg[:, :, None]
-            out[:, a:b] = o.reshape(B, H, b - a, -1).transpose(1, 2)
-            _accumulate(rec, spec, probs, vis, o.reshape(B, H, b - a, -1), koff)
+            # heads grouped by KV head: (B,Hk,g*c,n) @ (B,Hk,n,d) -> (B,Hk,g*c,d), no repeated V
+            o = (probs.view(B, Hk, g * (b - a), n).to(value.dtype) @ value[:, :, :n]).view(B, H, b - a, -1)
+            out[:, a:b] = o.transpose(1, 2)
+            _accumulate(rec, spec, probs, vis, o, koff)
             for p in rows:
                 if seen + a <= p < seen + b:
                     rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
@@ -384,7 +385,7 @@ def _accumulate(
         st = spec.entropy_stride
         sub = probs[:, :, ::st]
         vis = rows_vis[..., ::st].expand(B, probs.shape[1], -1)  # (B,H,c') keys each row could see
-        ent = torch.special.entr(sub).sum(-1)  # (B,H,c')
+        ent = -(sub * torch.log(sub.clamp(min=1e-30))).sum(-1)  # (B,H,c') row entropy
         norm_ent = torch.where(vis > 1, ent / torch.log(vis.clamp(min=2)), torch.zeros_like(ent))
         rec.n_entropy_rows += sub.shape[2]
         first = probs[..., 0]
@@ -409,7 +410,9 @@ def _transition_hooks(obs: Observer) -> list[Any]:
             )
         for name, mod in blocks.items():
 
-            def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = i, name: str = name) -> None:
+            def hook(
+                mod: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = i, name: str = name
+            ) -> None:
                 before = kwargs.get("hidden_states", args[0] if args else None)
                 after = output[0] if isinstance(output, tuple) else output
                 if before is None or after is None:

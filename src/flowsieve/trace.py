@@ -146,7 +146,9 @@ def trace(
     relay = T - 1 if causal else 0
     n_layers = len(decoder_layers(model))
     transitions = causal and supports_transitions(model)
-    spec = ObserveSpec(rows=(relay,), received=True, head_stats=True, transitions=transitions, chunk=cfg.chunk)
+    spec = ObserveSpec(
+        rows=(relay,), received=True, head_stats=True, transitions=transitions, chunk=cfg.chunk
+    )
 
     bar = None
     if progress:
@@ -176,7 +178,9 @@ def trace(
     n_rows = layers[0].n_rows
     H = received.shape[1]
 
-    flow = torch.stack([flowcut_score(rel_rows[i][None], vv_rows[i][None], vl1[i][None])[0] for i in range(n_layers)])
+    flow = torch.stack(
+        [flowcut_score(rel_rows[i][None], vv_rows[i][None], vl1[i][None])[0] for i in range(n_layers)]
+    )
     scores: dict[str, torch.Tensor] = {
         "relay_flow": flow,
         "flow_accumulated": ema_accumulate(flow),
@@ -193,7 +197,9 @@ def trace(
     min_vis = min(cfg.min_visible, max(1, T // 4))
     per_layer_sinks = [layer_sinks(received[i], visible[i], cfg.sink_alpha, min_vis) for i in range(n_layers)]
     sink_any = torch.stack(per_layer_sinks).any(0)
-    share = torch.stack([sink_share(received[i], n_rows, per_layer_sinks[i]) for i in range(n_layers)])  # (L,H)
+    share = torch.stack(
+        [sink_share(received[i], n_rows, per_layer_sinks[i]) for i in range(n_layers)]
+    )  # (L,H)
     out_norm = torch.stack([r.out_norm[0] / max(r.n_rows, 1) for r in layers])  # (L, H)
     dormant = dormant_heads(share, out_norm, cfg.dormant_park, cfg.dormant_quiet)
     m_layer = mean_received(received, visible[:, None]).mean(1)  # (L, T)
@@ -225,7 +231,9 @@ def trace(
     post_s = time.perf_counter() - t1
     med = out_norm.median(-1, keepdim=True).values.clamp(min=1e-12)
     return {
-        "model": getattr(model, "flowsieve_name", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model": getattr(model, "flowsieve_name", None)
+        or getattr(model.config, "_name_or_path", "")
+        or type(model).__name__,
         "architecture": type(model).__name__,
         "n_layers": n_layers,
         "n_heads": H,
@@ -236,7 +244,9 @@ def trace(
         "question": question.strip() if question else None,
         "question_span": list(span) if span else None,
         "signals": {k: v for k, v in SIGNALS.items() if k in scores},
-        "unavailable": {} if transitions else {"transition": "needs a causal decoder with attention and MLP blocks"},
+        "unavailable": {}
+        if transitions
+        else {"transition": "needs a causal decoder with attention and MLP blocks"},
         "scores": {k: _round(v, cfg.digits) for k, v in scores.items()},
         "sinks": {
             "criterion": f"head-mean received attention per visible query > {cfg.sink_alpha} "
@@ -246,8 +256,12 @@ def trace(
         },
         "heads": {
             "sink_share": _round(share, cfg.digits),
-            "first_mass": _round(torch.stack([r.first_mass[0] / max(r.n_rows, 1) for r in layers]), cfg.digits),
-            "row_entropy": _round(torch.stack([r.row_entropy[0] / max(r.n_entropy_rows, 1) for r in layers]), cfg.digits),
+            "first_mass": _round(
+                torch.stack([r.first_mass[0] / max(r.n_rows, 1) for r in layers]), cfg.digits
+            ),
+            "row_entropy": _round(
+                torch.stack([r.row_entropy[0] / max(r.n_entropy_rows, 1) for r in layers]), cfg.digits
+            ),
             "out_norm_ratio": _round(out_norm / med, cfg.digits),
         },
         "dormant_heads": [[int(a), int(b)] for a, b in dormant.nonzero().tolist()],
