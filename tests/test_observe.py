@@ -123,3 +123,27 @@ def test_hooks_removed_on_error(tiny_causal):
     assert model.config._attn_implementation == "sdpa"
     for layer in model.model.layers:
         assert not layer.self_attn._forward_hooks and not layer.mlp._forward_hooks
+
+
+def test_row_stride_scans_chosen_chunks_exactly(tiny_causal):
+    """row_stride=k: SDPA output, received = exact sum over the scanned chunks (0, k, 2k, ... and the last)."""
+    _, model = tiny_causal
+    T, chunk, k = 23, 4, 2
+    ids = torch.randint(0, 128, (1, T))
+    att = _eager_attentions(model, ids).attentions
+    ref = model(ids).logits
+    spec = ObserveSpec(rows=(-1,), received=True, head_stats=True, chunk=chunk, row_stride=k)
+    with observe(model, spec) as obs:
+        got = model(ids).logits
+    assert (got - ref).abs().max().item() <= TOL
+    starts = list(range(0, T, chunk))
+    scanned = [
+        r for ci, a in enumerate(starts) if ci % k == 0 or a + chunk >= T for r in range(a, min(a + chunk, T))
+    ]
+    for i, a in enumerate(att):
+        rec = obs.layers[i]
+        assert (rec.received - a[:, :, scanned].sum(-2)).abs().max().item() <= 1e-4
+        assert torch.equal(rec.visible_all[0], (a[0, 0] > 0).sum(0).float())
+        assert torch.equal(rec.visible[0], (a[0, 0, scanned] > 0).sum(0).float())
+        assert rec.n_prob_rows == len(scanned) and rec.n_rows == T
+        assert (rec.rows[T - 1] - a[:, :, -1]).abs().max().item() <= TOL

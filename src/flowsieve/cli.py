@@ -84,7 +84,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not args.json_out and not args.html_out and not args.print_json:
         raise FlowsieveError("nothing to write: give --json OUT.json and/or --html OUT.html")
     _set_threads(args.threads)
-    cfg = TraceConfig(chunk=args.chunk) if args.chunk else TraceConfig()
+    cfg = TraceConfig(chunk=args.chunk, row_stride=args.row_stride)
     t0 = time.perf_counter()
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t0
@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--html", dest="html_out", metavar="OUT.html", help="write a self-contained HTML page")
     t.add_argument("--print-json", action="store_true", help="print the full trace JSON on stdout")
     t.add_argument("--chunk", type=int, help="query rows per attention chunk (default: automatic)")
+    t.add_argument(
+        "--row-stride",
+        type=int,
+        default=1,
+        help="1 = scan every query row (exact, default); k > 1 = scan every k-th chunk of rows and "
+        "estimate attention received (faster on long texts)",
+    )
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument(
         "--trust-remote-code", action="store_true", help="allow modelling code shipped with a checkpoint"

@@ -66,6 +66,10 @@ class ObserveSpec:
         norms: L2 norms of keys and values per KV head.
         transitions: TTV inputs (norm ratio and cosine distance of attention/MLP blocks).
         layers: restrict to these layer indices (None = all).
+        row_stride: 1 scans every query row (exact). k > 1 scans every k-th chunk of query rows (and
+            the last chunk) for
+            ``received`` and the per-row head statistics (an estimate; the output then comes from
+            stock SDPA and costs little more than a plain pass); visibility is still counted exactly.
         chunk: query rows per chunk when every row is needed; None sizes chunks so that one
             chunk of scores (H x chunk x L floats) stays near 8 MiB, which keeps it in cache.
     """
@@ -78,9 +82,10 @@ class ObserveSpec:
     layers: Sequence[int] | None = None
     chunk: int | None = None
     entropy_stride: int = 8
+    row_stride: int = 1
 
     def __post_init__(self) -> None:
-        if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1:
+        if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1 or self.row_stride < 1:
             raise FlowsieveError(
                 f"chunk and entropy_stride must be >= 1, got {self.chunk}, {self.entropy_stride}"
             )
@@ -98,8 +103,10 @@ class LayerObs:
         rows: position -> attention probabilities of that query, (B, H, L).
         vv_rows: position -> softmax over keys of (value of that query) . (values), per KV head, (B, Hk, L).
         received: attention received per key, summed over queries, (B, H, L).
-        visible: number of queries that could see each key, (B, L).
-        first_mass / out_norm: per-head sums over queries, (B, H); divide by ``n_rows``.
+        visible: number of scanned queries that could see each key, (B, L).
+        visible_all: number of all queries that could see each key, (B, L) (= visible when exact).
+        first_mass: per-head sum over scanned query rows, (B, H); divide by ``n_prob_rows``.
+        out_norm: per-head sum of output norms over all query rows, (B, H); divide by ``n_rows``.
         row_entropy: per-head sum of normalised row entropy over sampled rows; divide by ``n_entropy_rows``.
         key_norm / value_norm: (B, Hk, L) for the keys present at the last call.
         value_l1: L1 norm of the head-mean value vector per key, (B, L) (FlowCut's weighting).
@@ -114,7 +121,9 @@ class LayerObs:
     row_entropy: torch.Tensor | None = None
     out_norm: torch.Tensor | None = None
     n_rows: int = 0
+    n_prob_rows: int = 0
     n_entropy_rows: int = 0
+    visible_all: torch.Tensor | None = None
     key_norm: torch.Tensor | None = None
     value_norm: torch.Tensor | None = None
     value_l1: torch.Tensor | None = None
@@ -275,28 +284,44 @@ def _attention(
         rec.value_norm = _absolute(value.float().norm(dim=-1), koff, total)
 
     out: torch.Tensor | None = None
-    if spec.needs_all_rows:
+    chunk = spec.chunk or max(16, min(1024, (1 << 21) // max(1, H * L)))
+    if spec.needs_all_rows and spec.row_stride == 1:
+        # exact: every query row, and the output from the same probabilities
         out = torch.empty(B, q, H, value.shape[-1], dtype=query.dtype, device=query.device)
-        chunk = spec.chunk or max(16, min(1024, (1 << 21) // max(1, H * L)))
         for a in range(0, q, chunk):
             b = min(a + chunk, q)
             probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
             # heads grouped by KV head: (B,Hk,g*c,n) @ (B,Hk,n,d) -> (B,Hk,g*c,d), no repeated V
             o = (probs.view(B, Hk, g * (b - a), n).to(value.dtype) @ value[:, :, :n]).view(B, H, b - a, -1)
             out[:, a:b] = o.transpose(1, 2)
-            _accumulate(rec, spec, probs, vis, o, koff)
+            _accumulate(rec, spec, probs, vis, koff)
             for p in rows:
                 if seen + a <= p < seen + b:
                     rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
-        rec.n_rows += q
     else:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+        if spec.needs_all_rows:
+            # sampled: every ``row_stride``-th chunk of query rows; visibility counted for all rows
+            for ci, a in enumerate(range(0, q, chunk)):
+                b = min(a + chunk, q)
+                if ci % spec.row_stride == 0 or b == q:  # the last chunk always: recent keys
+                    probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+                    _accumulate(rec, spec, probs, vis, koff)
+                if spec.received:
+                    cols_all = _visibility(attention_mask, causal, q, L, a, b, query.device)[1]
+                    rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff)
         for p in rows:
             i = p - seen
             probs, n, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
             rec.rows[p] = _absolute(probs[:, :, 0], koff, total)
+    if spec.head_stats:
+        # per-head output norm over every row: (B,q,H,d) -> (B,H)
+        rec.out_norm = _add_growing(rec.out_norm, out.float().norm(dim=-1).sum(1))
+        rec.n_rows += q
+    if spec.received and spec.row_stride == 1:
+        rec.visible_all = rec.visible
     for p in rows:
         # value-value "semantic" attention of FlowCut: softmax_j(v_p . v_j / sqrt(d)) per KV head,
         # over the keys the query can see (causal: up to and including p)
@@ -312,6 +337,28 @@ def _attention(
 def _absolute(x: torch.Tensor, koff: int, total: int) -> torch.Tensor:
     """Place per-key values (..., n) for tokens [koff, koff+n) into a zero row of length ``total``."""
     return torch.nn.functional.pad(x.float(), (koff, total - koff - x.shape[-1]))
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _visibility(
+    attention_mask: torch.Tensor | None, causal: bool, q_len: int, kv_len: int, a: int, b: int, dev: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For query rows [a, b): keys each row can see (B|1, 1, c) and rows that see each key (B|1, n)."""
+    kind, mask, n = _mask_chunk(attention_mask, causal, q_len, kv_len, a, b)
+    c = b - a
+    if kind == "causal":
+        rows_vis = torch.arange(a + 1, b + 1, device=dev, dtype=torch.float32).view(1, 1, c)
+        cols_vis = torch.full((1, n), float(c), device=dev)
+        cols_vis[0, n - c :] = torch.arange(c, 0, -1, device=dev, dtype=torch.float32)
+        return rows_vis, cols_vis
+    if kind == "none":
+        return torch.full((1, 1, c), float(n), device=dev), torch.full((1, n), float(c), device=dev)
+    assert mask is not None
+    allowed = _allowed(mask)
+    return allowed.sum(-1).float()[:, :1], allowed[:, 0].sum(-2).float()
 
 
 def _chunk_probs(
@@ -337,32 +384,21 @@ def _chunk_probs(
     # group query heads by their KV head instead of repeating K: (B,Hk,g*c,d) @ (B,Hk,d,n)
     qg = (query[:, :, a:b].float() * scaling).reshape(B, Hk, g * c, d)
     s = (qg @ key[:, :, :n].float().transpose(-1, -2)).view(B, H, c, n)
-    dev = query.device
     if kind == "causal":
         # keys [0, a) are visible to every row; only the last c x c block is triangular
-        tri = torch.ones(c, c, dtype=torch.bool, device=dev).triu(1)
+        tri = torch.ones(c, c, dtype=torch.bool, device=query.device).triu(1)
         s[..., n - c :].masked_fill_(tri, float("-inf"))
-        rows_vis = torch.arange(a + 1, b + 1, device=dev, dtype=torch.float32).view(1, 1, c)
-        cols_vis = torch.full((1, n), float(c), device=dev)
-        cols_vis[0, n - c :] = torch.arange(c, 0, -1, device=dev, dtype=torch.float32)
-    elif kind == "none":
-        rows_vis = torch.full((1, 1, c), float(n), device=dev)
-        cols_vis = torch.full((1, n), float(c), device=dev)
-    else:
+    elif kind in ("bool", "float"):
         assert mask is not None
         if kind == "float":
             s = s + mask.float()
-            allowed = mask > torch.finfo(mask.dtype).min / 2
-        else:
-            allowed = mask
-        s = s.masked_fill(~allowed, float("-inf"))
-        rows_vis = allowed.sum(-1).float()[:, :1]
-        cols_vis = allowed[:, 0].sum(-2).float()
+        s = s.masked_fill(~_allowed(mask), float("-inf"))
+    vis = _visibility(attention_mask, causal, q, L, a, b, query.device)
     p = torch.softmax(s, dim=-1)
     if kind in ("bool", "float"):
         # a fully masked row (padding) gives NaN in softmax; SDPA returns zeros there
         p = torch.nan_to_num_(p, nan=0.0)
-    return p, n, (rows_vis, cols_vis)
+    return p, n, vis
 
 
 def _accumulate(
@@ -370,12 +406,12 @@ def _accumulate(
     spec: ObserveSpec,
     probs: torch.Tensor,
     vis: tuple[torch.Tensor, torch.Tensor],
-    out: torch.Tensor,
     koff: int,
 ) -> None:
     """Fold one chunk of probabilities (B, H, c, n) into the running per-layer statistics."""
     B = probs.shape[0]
     rows_vis, cols_vis = vis
+    rec.n_prob_rows += probs.shape[2]
     if spec.received:
         rec.received = _add_growing(rec.received, probs.sum(-2), koff)
         rec.visible = _add_growing(rec.visible, cols_vis.expand(B, -1), koff)
@@ -388,10 +424,8 @@ def _accumulate(
         ent = -(sub * torch.log(sub.clamp(min=1e-30))).sum(-1)  # (B,H,c') row entropy
         norm_ent = torch.where(vis > 1, ent / torch.log(vis.clamp(min=2)), torch.zeros_like(ent))
         rec.n_entropy_rows += sub.shape[2]
-        first = probs[..., 0]
-        onorm = out.float().norm(dim=-1)  # (B,H,c)
-        for name, val in (("first_mass", first), ("row_entropy", norm_ent), ("out_norm", onorm)):
-            setattr(rec, name, _add_growing(getattr(rec, name), val.sum(-1)))
+        rec.first_mass = _add_growing(rec.first_mass, probs[..., 0].sum(-1))
+        rec.row_entropy = _add_growing(rec.row_entropy, norm_ent.sum(-1))
 
 
 # --------------------------------------------------------------------------------- transitions (TTV)

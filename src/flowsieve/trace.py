@@ -53,6 +53,9 @@ class TraceConfig:
     Attributes:
         chunk: query rows per chunk when all rows are scanned (memory O(H * chunk * T));
             None picks a cache-friendly size.
+        row_stride: 1 (default) scans every query row: exact received attention and head statistics.
+            k > 1 scans every k-th chunk of rows and estimates them (``attention_received`` =
+            mean over scanned rows x number of rows that see the token); much cheaper on long texts.
         sink_alpha: mean received attention above which a token is a sink (ACT's alpha).
         min_visible: keys seen by fewer queries are never called sinks.
         dormant_park: a head parking at least this share of its attention on sinks is dormant.
@@ -62,6 +65,7 @@ class TraceConfig:
     """
 
     chunk: int | None = None
+    row_stride: int = 1
     sink_alpha: float = 0.1
     min_visible: int = 16
     dormant_park: float = 0.9
@@ -70,8 +74,8 @@ class TraceConfig:
     digits: int = 4
 
     def __post_init__(self) -> None:
-        if self.chunk is not None and self.chunk < 1:
-            raise FlowsieveError(f"chunk must be >= 1, got {self.chunk}")
+        if (self.chunk is not None and self.chunk < 1) or self.row_stride < 1:
+            raise FlowsieveError(f"chunk and row_stride must be >= 1, got {self.chunk}, {self.row_stride}")
         for name in ("sink_alpha", "dormant_park"):
             v = getattr(self, name)
             if not 0 < v <= 1:
@@ -173,8 +177,10 @@ def trace(
     rel_rows = torch.stack([r.rows[relay][0] for r in layers])  # (L, H, T)
     vv_rows = torch.stack([r.vv_rows[relay][0] for r in layers])  # (L, Hk, T)
     vl1 = torch.stack([r.value_l1[0] for r in layers])  # (L, T)
-    received = torch.stack([r.received[0] for r in layers])  # (L, H, T)
-    visible = torch.stack([r.visible[0] for r in layers])  # (L, T)
+    visible = torch.stack([r.visible[0] for r in layers])  # (L, T) scanned rows that see each key
+    visible_all = torch.stack([r.visible_all[0] for r in layers])  # (L, T) all rows that see each key
+    # exact when every row is scanned; otherwise scaled from the scanned rows' mean
+    received = torch.stack([r.received[0] for r in layers]) * (visible_all / visible.clamp(min=1))[:, None]
     n_rows = layers[0].n_rows
     H = received.shape[1]
 
@@ -186,7 +192,7 @@ def trace(
         "flow_accumulated": ema_accumulate(flow),
         "relay_attention": rel_rows.mean(1),
         "attention_received": received.mean(1),
-        "attention_received_mean": mean_received(received, visible[:, None]).mean(1),
+        "attention_received_mean": mean_received(received, visible_all[:, None]).mean(1),
     }
     if transitions:
         tv = torch.stack([_block_ttv(r.ttv["attn"]) + _block_ttv(r.ttv["mlp"]) for r in layers])
@@ -195,14 +201,16 @@ def trace(
 
     # sinks per layer and dormant heads
     min_vis = min(cfg.min_visible, max(1, T // 4))
-    per_layer_sinks = [layer_sinks(received[i], visible[i], cfg.sink_alpha, min_vis) for i in range(n_layers)]
+    per_layer_sinks = [
+        layer_sinks(received[i], visible_all[i], cfg.sink_alpha, min_vis) for i in range(n_layers)
+    ]
     sink_any = torch.stack(per_layer_sinks).any(0)
     share = torch.stack(
         [sink_share(received[i], n_rows, per_layer_sinks[i]) for i in range(n_layers)]
     )  # (L,H)
     out_norm = torch.stack([r.out_norm[0] / max(r.n_rows, 1) for r in layers])  # (L, H)
     dormant = dormant_heads(share, out_norm, cfg.dormant_park, cfg.dormant_quiet)
-    m_layer = mean_received(received, visible[:, None]).mean(1)  # (L, T)
+    m_layer = mean_received(received, visible_all[:, None]).mean(1)  # (L, T)
     sink_tokens = []
     for j in sink_any.nonzero().flatten().tolist():
         ls = [i for i in range(n_layers) if per_layer_sinks[i][j]]
@@ -257,7 +265,7 @@ def trace(
         "heads": {
             "sink_share": _round(share, cfg.digits),
             "first_mass": _round(
-                torch.stack([r.first_mass[0] / max(r.n_rows, 1) for r in layers]), cfg.digits
+                torch.stack([r.first_mass[0] / max(r.n_prob_rows, 1) for r in layers]), cfg.digits
             ),
             "row_entropy": _round(
                 torch.stack([r.row_entropy[0] / max(r.n_entropy_rows, 1) for r in layers]), cfg.digits
