@@ -74,7 +74,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from flowsieve.models import load
     from flowsieve.trace import TraceConfig, trace
-    from flowsieve.trace_html import render_trace_html
+    from flowsieve.trace_html import render_trace_html, trace_json
 
     text = _read_text(args)
     if not text.strip():
@@ -90,10 +90,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     result = trace(model, tok, text, args.question, config=cfg, progress=not args.quiet)
     result["timing"]["load_s"] = round(load_s, 3)
+    data = trace_json(result)
     if args.json_out:
-        _write(args.json_out, json.dumps(result))
+        _write(args.json_out, data)
     if args.html_out:
-        _write(args.html_out, render_trace_html(result))
+        _write(args.html_out, render_trace_html(result, data_json=data))
     summary = {
         "model": result["model"],
         "n_tokens": len(result["tokens"]),
@@ -106,7 +107,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         "timing": result["timing"],
     }
     if args.print_json:
-        print(json.dumps(result))
+        print(data)
     elif not args.quiet:
         print(json.dumps(summary, indent=2))
     return 0

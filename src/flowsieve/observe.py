@@ -130,13 +130,17 @@ class LayerObs:
     ttv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
-def _add_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """acc[..., offset:offset+n] += new, growing ``acc`` along the last dim as the sequence grows."""
+def _add_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0, size: int = 0) -> torch.Tensor:
+    """acc[..., offset:offset+n] += new, growing ``acc`` along the last dim as the sequence grows.
+
+    ``size`` pre-sizes a new accumulator (the sequence length known so far) so that chunk after chunk
+    adds in place instead of reallocating.
+    """
     end = offset + new.shape[-1]
     if acc is None:
-        acc = new.new_zeros((*new.shape[:-1], end))
+        acc = new.new_zeros((*new.shape[:-1], max(end, size)))
     elif acc.shape[-1] < end:
-        pad = new.new_zeros((*acc.shape[:-1], end - acc.shape[-1]))
+        pad = new.new_zeros((*acc.shape[:-1], max(end, size) - acc.shape[-1]))
         acc = torch.cat([acc, pad], dim=-1)
     acc[..., offset:end] += new
     return acc
@@ -294,7 +298,7 @@ def _attention(
             # heads grouped by KV head: (B,Hk,g*c,n) @ (B,Hk,n,d) -> (B,Hk,g*c,d), no repeated V
             o = (probs.view(B, Hk, g * (b - a), n).to(value.dtype) @ value[:, :, :n]).view(B, H, b - a, -1)
             out[:, a:b] = o.transpose(1, 2)
-            _accumulate(rec, spec, probs, vis, koff)
+            _accumulate(rec, spec, probs, vis, koff, total)
             for p in rows:
                 if seen + a <= p < seen + b:
                     rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
@@ -308,10 +312,10 @@ def _attention(
                 b = min(a + chunk, q)
                 if ci % spec.row_stride == 0 or b == q:  # the last chunk always: recent keys
                     probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
-                    _accumulate(rec, spec, probs, vis, koff)
+                    _accumulate(rec, spec, probs, vis, koff, total)
                 if spec.received:
                     cols_all = _visibility(attention_mask, causal, q, L, a, b, query.device)[1]
-                    rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff)
+                    rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff, total)
         for p in rows:
             i = p - seen
             probs, n, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
@@ -407,14 +411,15 @@ def _accumulate(
     probs: torch.Tensor,
     vis: tuple[torch.Tensor, torch.Tensor],
     koff: int,
+    total: int,
 ) -> None:
     """Fold one chunk of probabilities (B, H, c, n) into the running per-layer statistics."""
     B = probs.shape[0]
     rows_vis, cols_vis = vis
     rec.n_prob_rows += probs.shape[2]
     if spec.received:
-        rec.received = _add_growing(rec.received, probs.sum(-2), koff)
-        rec.visible = _add_growing(rec.visible, cols_vis.expand(B, -1), koff)
+        rec.received = _add_growing(rec.received, probs.sum(-2), koff, total)
+        rec.visible = _add_growing(rec.visible, cols_vis.expand(B, -1), koff, total)
     if spec.head_stats:
         # row entropy on every ``entropy_stride``-th row: a full pass of log over all rows costs
         # as much as the attention itself, and a head-level mean needs far fewer rows
@@ -452,8 +457,10 @@ def _transition_hooks(obs: Observer) -> list[Any]:
                 if before is None or after is None:
                     return
                 b, a = before.float(), after.float()
-                ratio = a.norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-12)  # (B,T)
-                dist = 1.0 - torch.nn.functional.cosine_similarity(b, a, dim=-1)  # (B,T)
+                nb = b.norm(dim=-1).clamp(min=1e-12)  # (B,T)
+                na = a.norm(dim=-1)
+                ratio = na / nb
+                dist = 1.0 - (a * b).sum(-1) / (na.clamp(min=1e-12) * nb)  # 1 - cos(before, after)
                 obs.layer(i).ttv.setdefault(name, []).append((ratio, dist))
 
             handles.append(mod.register_forward_hook(hook, with_kwargs=True))

@@ -911,12 +911,18 @@ def _plain(x: Any) -> Any:
     return str(x)
 
 
-def _script_json(data: Any) -> str:
-    """``data`` as ASCII JSON that is safe inside a ``<script>`` element."""
+def trace_json(data: Any) -> str:
+    """``data`` as compact ASCII JSON (NaN and infinities become null): the trace file format."""
     try:
-        text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError):
-        text = json.dumps(_plain(data), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return json.dumps(_plain(data), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def _script_json(data: Any, text: str | None = None) -> str:
+    """``data`` (or its JSON ``text``) as ASCII JSON that is safe inside a ``<script>`` element."""
+    if text is None:
+        text = trace_json(data)
     for ch, esc in _JSON_ESCAPES.items():
         text = text.replace(ch, esc)
     return text
@@ -927,13 +933,14 @@ def _ascii_text(s: str) -> str:
     return html.escape(s).encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
-def render_trace_html(trace: dict[str, Any]) -> str:
+def render_trace_html(trace: dict[str, Any], data_json: str | None = None) -> str:
     """Render ``trace`` as a self-contained, offline HTML page and return its text (pure ASCII).
 
     Args:
         trace: the dict :func:`flowsieve.trace.trace` returns (or the same read back from JSON).
             Keys the page does not use are kept in the embedded data and otherwise ignored;
             missing keys leave their part of the page empty.
+        data_json: ``trace_json(trace)`` when the caller already has it (saves serialising twice).
 
     Returns:
         The HTML document. Write it with any encoding, e.g. ``path.write_text(html, "utf-8")``.
@@ -960,7 +967,7 @@ def render_trace_html(trace: dict[str, Any]) -> str:
         f"<style>{_STYLE}</style>\n"
         "</head>\n<body>\n"
         f"{_BODY}"
-        f'<script type="application/json" id="trace-data">{_script_json(trace)}</script>\n'
+        f'<script type="application/json" id="trace-data">{_script_json(trace, data_json)}</script>\n'
         f"<script>{_SCRIPT}</script>\n"
         "</body>\n</html>\n"
     )
