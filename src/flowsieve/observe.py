@@ -70,6 +70,8 @@ class ObserveSpec:
             the last chunk) for
             ``received`` and the per-row head statistics (an estimate; the output then comes from
             stock SDPA and costs little more than a plain pass); visibility is still counted exactly.
+        workers: at most this many threads scan query chunks in parallel (each with one torch
+            thread; bounded by ``torch.get_num_threads()``).
         chunk: query rows per chunk when every row is needed; None sizes chunks so that one
             chunk of scores (H x chunk x L floats) stays near 8 MiB, which keeps it in cache.
     """
@@ -83,6 +85,7 @@ class ObserveSpec:
     chunk: int | None = None
     entropy_stride: int = 8
     row_stride: int = 1
+    workers: int = 8
 
     def __post_init__(self) -> None:
         if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1 or self.row_stride < 1:
@@ -292,16 +295,27 @@ def _attention(
     if spec.needs_all_rows and spec.row_stride == 1:
         # exact: every query row, and the output from the same probabilities
         out = torch.empty(B, q, H, value.shape[-1], dtype=query.dtype, device=query.device)
-        for a in range(0, q, chunk):
-            b = min(a + chunk, q)
-            probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
-            # heads grouped by KV head: (B,Hk,g*c,n) @ (B,Hk,n,d) -> (B,Hk,g*c,d), no repeated V
-            o = (probs.view(B, Hk, g * (b - a), n).to(value.dtype) @ value[:, :, :n]).view(B, H, b - a, -1)
-            out[:, a:b] = o.transpose(1, 2)
-            _accumulate(rec, spec, probs, vis, koff, total)
-            for p in rows:
-                if seen + a <= p < seen + b:
-                    rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
+        starts = list(range(0, q, chunk))
+
+        def scan(part: list[int], acc: LayerObs) -> None:
+            for a in part:
+                b = min(a + chunk, q)
+                probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+                # heads grouped by KV head: (B,Hk,g*c,n) @ (B,Hk,n,d) -> (B,Hk,g*c,d), no repeated V
+                o = (probs.view(B, Hk, g * (b - a), n).to(value.dtype) @ value[:, :, :n]).view(
+                    B, H, b - a, -1
+                )
+                out[:, a:b] = o.transpose(1, 2)
+                _accumulate(acc, spec, probs, vis, koff, total)
+                for p in rows:
+                    if seen + a <= p < seen + b:
+                        acc.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
+
+        workers = min(torch.get_num_threads(), len(starts), spec.workers)
+        if workers > 1:
+            _scan_parallel(scan, starts, workers, rec)
+        else:
+            scan(starts, rec)
     else:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -311,14 +325,14 @@ def _attention(
             for ci, a in enumerate(range(0, q, chunk)):
                 b = min(a + chunk, q)
                 if ci % spec.row_stride == 0 or b == q:  # the last chunk always: recent keys
-                    probs, n, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+                    probs, _, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
                     _accumulate(rec, spec, probs, vis, koff, total)
                 if spec.received:
                     cols_all = _visibility(attention_mask, causal, q, L, a, b, query.device)[1]
                     rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff, total)
         for p in rows:
             i = p - seen
-            probs, n, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
+            probs, _, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
             rec.rows[p] = _absolute(probs[:, :, 0], koff, total)
     if spec.head_stats:
         # per-head output norm over every row: (B,q,H,d) -> (B,H)
@@ -336,6 +350,44 @@ def _attention(
     if obs.on_layer is not None:
         obs.on_layer(idx)
     return out, None
+
+
+def _scan_parallel(
+    scan: Callable[[list[int], LayerObs], None], starts: list[int], workers: int, rec: LayerObs
+) -> None:
+    """Run ``scan`` over interleaved shares of the chunks in ``workers`` threads, one torch thread each.
+
+    The chunk matmuls are thin (head dim 64) and gain little from intra-op threads, while separate
+    chunks are independent: one chunk per core is faster. Each worker accumulates into its own
+    :class:`LayerObs`; the sums are merged into ``rec`` afterwards.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [starts[i::workers] for i in range(workers)]
+    accs = [LayerObs() for _ in parts]
+    threads = torch.get_num_threads()
+    # grad and inference modes are thread-local: carry the caller's into the workers
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(part: list[int], acc: LayerObs) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            scan(part, acc)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for f in [pool.submit(run, part, acc) for part, acc in zip(parts, accs)]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
+    for acc in accs:
+        rec.rows.update(acc.rows)
+        rec.n_prob_rows += acc.n_prob_rows
+        rec.n_entropy_rows += acc.n_entropy_rows
+        for name in ("received", "visible", "first_mass", "row_entropy"):
+            part = getattr(acc, name)
+            if part is not None:
+                setattr(rec, name, _add_growing(getattr(rec, name), part))
 
 
 def _absolute(x: torch.Tensor, koff: int, total: int) -> torch.Tensor:
