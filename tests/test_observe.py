@@ -147,3 +147,24 @@ def test_row_stride_scans_chosen_chunks_exactly(tiny_causal):
         assert torch.equal(rec.visible[0], (a[0, 0, scanned] > 0).sum(0).float())
         assert rec.n_prob_rows == len(scanned) and rec.n_rows == T
         assert (rec.rows[T - 1] - a[:, :, -1]).abs().max().item() <= TOL
+
+
+def test_parallel_scan_matches_serial(tiny_causal):
+    """workers=2 (chunks split over threads) gives the same output and statistics as one scan."""
+    _, model = tiny_causal
+    assert torch.get_num_threads() >= 2
+    ids = torch.randint(0, 128, (1, 31))
+    got = {}
+    for w in (1, 2):
+        spec = ObserveSpec(rows=(-1, 7), received=True, head_stats=True, chunk=4, workers=w)
+        with torch.inference_mode(), observe(model, spec) as obs:
+            logits = model(ids).logits
+        got[w] = (logits, obs.layers)
+    assert (got[1][0] - got[2][0]).abs().max().item() <= 1e-6
+    for i, a in got[1][1].items():
+        b = got[2][1][i]
+        for name in ("received", "visible", "first_mass", "row_entropy", "out_norm"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+        assert a.n_prob_rows == b.n_prob_rows == 31 and a.n_entropy_rows == b.n_entropy_rows
+        for p in (30, 7):
+            assert torch.allclose(a.rows[p], b.rows[p], atol=1e-6)

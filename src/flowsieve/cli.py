@@ -84,7 +84,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not args.json_out and not args.html_out and not args.print_json:
         raise FlowsieveError("nothing to write: give --json OUT.json and/or --html OUT.html")
     _set_threads(args.threads)
-    cfg = TraceConfig(chunk=args.chunk, row_stride=args.row_stride)
+    cfg = TraceConfig(chunk=args.chunk, row_stride=args.row_stride, workers=args.scan_workers)
     t0 = time.perf_counter()
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t0
@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="1 = scan every query row (exact, default); k > 1 = scan every k-th chunk of rows and "
         "estimate attention received (faster on long texts)",
+    )
+    t.add_argument(
+        "--scan-workers",
+        type=int,
+        default=1,
+        help="threads scanning attention chunks in parallel (faster on several cores, more memory)",
     )
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument(

@@ -55,7 +55,8 @@ class TraceConfig:
             None picks a cache-friendly size.
         row_stride: 1 (default) scans every query row: exact received attention and head statistics.
             k > 1 scans every k-th chunk of rows and estimates them (``attention_received`` =
-            mean over scanned rows x number of rows that see the token); much cheaper on long texts.
+            mean over scanned rows x number of rows that see the token).
+        workers: threads scanning query chunks in parallel (see :class:`flowsieve.observe.ObserveSpec`).
         sink_alpha: mean received attention above which a token is a sink (ACT's alpha).
         min_visible: keys seen by fewer queries are never called sinks.
         dormant_park: a head parking at least this share of its attention on sinks is dormant.
@@ -66,6 +67,7 @@ class TraceConfig:
 
     chunk: int | None = None
     row_stride: int = 1
+    workers: int = 1
     sink_alpha: float = 0.1
     min_visible: int = 16
     dormant_park: float = 0.9
@@ -74,7 +76,7 @@ class TraceConfig:
     digits: int = 4
 
     def __post_init__(self) -> None:
-        if (self.chunk is not None and self.chunk < 1) or self.row_stride < 1:
+        if (self.chunk is not None and self.chunk < 1) or self.row_stride < 1 or self.workers < 1:
             raise FlowsieveError(f"chunk and row_stride must be >= 1, got {self.chunk}, {self.row_stride}")
         for name in ("sink_alpha", "dormant_park"):
             v = getattr(self, name)

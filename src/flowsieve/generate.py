@@ -1,0 +1,253 @@
+"""Prompt building and measured greedy generation: the harness the CLI, the bench and the sieves share.
+
+A prompt is a context (the part a sieve may compress) followed by a question (never compressed).
+With ``chat=True`` both go into one user turn of the model's chat template, separated by a blank
+line and followed by an instruction; the context's and question's token spans are located in the
+rendered prompt through character offsets.
+
+:func:`generate` runs prefill and greedy decoding by hand (no sampling) so that prefill time,
+decode speed, KV-cache bytes and peak RSS are measured separately; with no sieve it produces
+exactly the tokens of ``model.generate(do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowsieve.errors import FlowsieveError
+from flowsieve.models import context_length
+
+DEFAULT_INSTRUCTION = "Answer briefly."
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of a prompt and where its parts are.
+
+    Attributes:
+        ids: the whole prompt, (T,).
+        context: token span [start, end) of the context.
+        question: token span [start, end) of the question (and what follows it), or None.
+        split: index where a query-agnostic run splits the prompt: ``ids[:split]`` is compressed
+            before the question is known, ``ids[split:]`` is appended afterwards.
+    """
+
+    ids: tuple[int, ...]
+    context: tuple[int, int]
+    question: tuple[int, int] | None
+    split: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def build_prompt(
+    tokenizer: Any,
+    context: str,
+    question: str | None = None,
+    *,
+    chat: bool = True,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+) -> Prompt:
+    """Render context + question (chat template or plain text) and locate the parts in tokens."""
+    if context is None or not context.strip():
+        raise FlowsieveError("the context is empty")
+    if question is not None and not question.strip():
+        raise FlowsieveError("the question is empty")
+    ctx = context.strip()
+    tail = ""
+    if question:
+        tail = "\n\n" + question.strip()
+        if instruction:
+            tail += "\n" + instruction
+    user = ctx + tail
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise FlowsieveError("this tokenizer has no chat template; use chat=False (--no-chat)")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        c0 = text.find(user)
+        if c0 < 0:
+            raise FlowsieveError("the chat template altered the message; cannot locate the context")
+    else:
+        text, c0 = user, 0
+    c1 = c0 + len(ctx)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not chat)
+    ids = list(enc["input_ids"])
+    offs = enc["offset_mapping"]
+    starts = [a for a, _ in offs]
+    ends = [b for _, b in offs]
+    # context tokens: those that end inside the context; the token crossing its end goes after it
+    t0 = next((i for i, e in enumerate(ends) if e > c0), len(ids))
+    t1 = next((i for i, e in enumerate(ends) if e > c1), len(ids))
+    qspan = None
+    if question:
+        q0 = c1 + 2  # after the blank line
+        qs = next((i for i, s in enumerate(starts) if s >= q0), len(ids))
+        qspan = (min(qs, len(ids)), len(ids))
+    return Prompt(ids=tuple(ids), context=(t0, t1), question=qspan, split=t1)
+
+
+@dataclass
+class GenResult:
+    """What one generation produced and cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    kept_tokens: int
+    kv_bytes: int
+    kv_bytes_full: int
+    prefill_s: float
+    decode_tok_s: float
+    peak_rss_mb: float
+    new_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _PeakRSS:
+    """Samples this process's RSS in a background thread; ``peak_mb`` after ``stop``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak / 2**20
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes held by the keys and values of a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def stored_tokens(cache: Any) -> int:
+    """Entries stored per layer (the largest over layers)."""
+    n = 0
+    for layer in getattr(cache, "layers", []):
+        t = getattr(layer, "keys", None)
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            n = max(n, t.shape[-2])
+    return n
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.inference_mode()
+def decode_greedy(
+    model: nn.Module, cache: Any, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]
+) -> tuple[list[int], float]:
+    """Greedy decoding from the logits of the last prompt position; returns (tokens, seconds)."""
+    out: list[int] = []
+    nxt = int(first_logits[0, -1].argmax())
+    t0 = time.perf_counter()
+    while True:
+        out.append(nxt)
+        if nxt in eos or len(out) >= max_new_tokens:
+            break
+        logits = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True).logits
+        nxt = int(logits[0, -1].argmax())
+    return out, time.perf_counter() - t0
+
+
+def full_kv_bytes(model: nn.Module, n_tokens: int, dtype_bytes: int = 4) -> int:
+    """Bytes an uncompressed cache of ``n_tokens`` would hold (sliding-window layers capped)."""
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    total = 0
+    for t in types:
+        n = min(n_tokens, window) if t == "sliding_attention" and window else n_tokens
+        total += 2 * n * n_kv * head_dim * dtype_bytes
+    return total
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    question: str | None = None,
+    *,
+    chat: bool = True,
+    max_new_tokens: int = 32,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+) -> GenResult:
+    """Full-context greedy generation with measurements (the reference every sieve is compared to)."""
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1:
+        raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
+    limit = context_length(model)
+    if limit is not None and len(prompt) + max_new_tokens > limit:
+        raise FlowsieveError(
+            f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
+        )
+    rss = _PeakRSS()
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt.ids])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+    prefill_s = time.perf_counter() - t0
+    kv = kv_bytes(cache)
+    kept = stored_tokens(cache)
+    new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
+    peak = rss.stop()
+    steps = len(new) - 1  # forward passes after prefill
+    return GenResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        token_ids=new,
+        prompt_tokens=len(prompt),
+        kept_tokens=kept,
+        kv_bytes=kv,
+        kv_bytes_full=kv,
+        prefill_s=prefill_s,
+        decode_tok_s=steps / dec_s if steps > 0 and dec_s > 0 else 0.0,
+        peak_rss_mb=peak,
+        new_tokens=len(new),
+    )
