@@ -113,6 +113,82 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    from flowsieve.sieve import list_methods
+
+    rows = list_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<14} {','.join(r['sites']):<16} {r['paper']}")
+    return 0
+
+
+def _parse_options(items: list[str] | None) -> dict:
+    out: dict = {}
+    for it in items or []:
+        if "=" not in it:
+            raise FlowsieveError(f"--option expects NAME=VALUE, got '{it}'")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flowsieve.generate import generate
+    from flowsieve.models import load
+    from flowsieve.sieve import Sieve
+
+    text = _read_text(args)
+    if not text.strip():
+        raise FlowsieveError("the prompt is empty")
+    _set_threads(args.threads)
+    sieve = None
+    if args.sieve not in (None, "full", "none"):
+        keep = args.keep if args.budget is None else None
+        if keep is None and args.budget is None:
+            raise FlowsieveError("give --keep R or --budget TOKENS with --sieve")
+        sieve = Sieve(
+            args.sieve,
+            keep=keep,
+            budget=args.budget,
+            site=args.site,
+            window=args.window,
+            options=_parse_options(args.option),
+        )
+    model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
+    mode = "query_aware" if args.question else "query_agnostic"
+    if args.question and args.agnostic:
+        mode = "query_agnostic"
+    r = generate(
+        model,
+        tok,
+        text,
+        args.question,
+        sieve=sieve,
+        mode=mode,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+    )
+    out = r.to_dict()
+    out.update({"model": args.model, "sieve": args.sieve or "full", "site": args.site, "mode": mode})
+    out.pop("token_ids", None)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(r.text)
+        print(
+            f"[{r.kept_tokens}/{r.prompt_tokens} entries kept, KV {r.kv_bytes / 2**20:.1f}/"
+            f"{r.kv_bytes_full / 2**20:.1f} MiB, prefill {r.prefill_s:.2f}s, {r.decode_tok_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flowsieve import __version__
     from flowsieve.models import DEFAULT_MODEL
@@ -165,6 +241,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     t.set_defaults(func=cmd_trace)
+
+    ls = sub.add_parser(
+        "ls", help="list the compression methods", description="List every method, its sites and paper."
+    )
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=cmd_ls)
+
+    g = sub.add_parser(
+        "generate",
+        help="generate with a compressed KV cache",
+        description="Greedy generation with a sieve; prints the answer, or one JSON object with --json.",
+    )
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    gsrc = g.add_mutually_exclusive_group()
+    gsrc.add_argument("--prompt-file", dest="text_file", help="the context (UTF-8 file, '-' = stdin)")
+    gsrc.add_argument("--prompt", dest="text", help="the context itself")
+    g.add_argument("--question", help="asked after the context; never evicted")
+    g.add_argument("--agnostic", action="store_true", help="compress before the question is seen")
+    g.add_argument("--sieve", help="method name (flowsieve ls), or 'full' for no compression")
+    g.add_argument("--site", default="prefill", help="prefill (default)")
+    g.add_argument("--keep", type=float, default=0.25, help="share of KV entries to keep (default 0.25)")
+    g.add_argument("--budget", type=int, help="entries to keep instead of --keep")
+    g.add_argument("--window", type=int, default=32, help="observation window, always kept")
+    g.add_argument("--option", action="append", metavar="NAME=VALUE", help="method option (repeatable)")
+    g.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--threads", type=int)
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

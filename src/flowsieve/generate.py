@@ -212,15 +212,24 @@ def generate(
     context: str,
     question: str | None = None,
     *,
+    sieve: Any = None,
+    mode: str = "query_aware",
     chat: bool = True,
     max_new_tokens: int = 32,
     instruction: str | None = DEFAULT_INSTRUCTION,
 ) -> GenResult:
-    """Full-context greedy generation with measurements (the reference every sieve is compared to)."""
-    from transformers import DynamicCache
+    """Greedy generation with measurements, with or without a sieve.
 
+    Args:
+        sieve: a :class:`flowsieve.sieve.Sieve` at the ``prefill`` site, or None for the full context.
+        mode: ``"query_aware"`` compresses with the question in the prompt (the observation window
+            covers it); ``"query_agnostic"`` compresses the context first and appends the question
+            afterwards, as a cache compressed once would serve questions asked later.
+    """
     if max_new_tokens < 1:
         raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if mode not in ("query_aware", "query_agnostic"):
+        raise FlowsieveError(f"mode must be 'query_aware' or 'query_agnostic', got '{mode}'")
     prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
     limit = context_length(model)
     if limit is not None and len(prompt) + max_new_tokens > limit:
@@ -228,14 +237,23 @@ def generate(
             f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
         )
     rss = _PeakRSS()
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([prompt.ids])
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+    if sieve is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=torch.tensor([prompt.ids]), cache=cache, use_cache=True, logits_to_keep=1
+            ).logits
+        kv = kv_bytes(cache)
+        kept = stored_tokens(cache)
+        extra: dict[str, Any] = {}
+    else:
+        cache, logits, extra = prefill_with_sieve(model, prompt, sieve, mode)
+        kv = kv_bytes(cache)
+        kept = extra["kept_entries"]
     prefill_s = time.perf_counter() - t0
-    kv = kv_bytes(cache)
-    kept = stored_tokens(cache)
     new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
     peak = rss.stop()
     steps = len(new) - 1  # forward passes after prefill
@@ -245,9 +263,61 @@ def generate(
         prompt_tokens=len(prompt),
         kept_tokens=kept,
         kv_bytes=kv,
-        kv_bytes_full=kv,
+        kv_bytes_full=full_kv_bytes(model, len(prompt), _dtype_bytes(model)),
         prefill_s=prefill_s,
         decode_tok_s=steps / dec_s if steps > 0 and dec_s > 0 else 0.0,
         peak_rss_mb=peak,
         new_tokens=len(new),
+        extra=extra,
     )
+
+
+def _dtype_bytes(model: nn.Module) -> int:
+    return next(model.parameters()).element_size()
+
+
+@torch.inference_mode()
+def prefill_with_sieve(
+    model: nn.Module, prompt: Prompt, sieve: Any, mode: str
+) -> tuple[Any, torch.Tensor, dict]:
+    """Prefill ``prompt`` into a :class:`~flowsieve.kvcache.SieveCache`, compressing it with ``sieve``.
+
+    Returns (cache, logits of the last prompt position (1, 1, V), extra measurements).
+    """
+    from flowsieve.kvcache import SieveCache
+    from flowsieve.observe import observe
+
+    if sieve.site != "prefill":
+        raise FlowsieveError(
+            f"generate() runs sieves at the prefill site; '{sieve.site}' is not available here"
+        )
+    ids = list(prompt.ids)
+    if mode == "query_agnostic":
+        head = ids[: prompt.split]
+        tail = ids[prompt.split :]
+    else:
+        head, tail = ids, []
+    T = len(head)
+    c0, c1 = prompt.context
+    protect = torch.ones(T, dtype=torch.bool)
+    protect[c0 : min(c1, T)] = False
+    w = min(sieve.window, T)
+    window = tuple(range(T - w, T))
+    protect[T - w :] = True
+    cache = SieveCache(model)
+    t0 = time.perf_counter()
+    with observe(model, sieve.observe_spec(window)) as obs:
+        logits = model(input_ids=torch.tensor([head]), cache=cache, use_cache=True, logits_to_keep=1).logits
+    t1 = time.perf_counter()
+    kept = sieve.compress(obs, cache, protect, window)
+    t2 = time.perf_counter()
+    if tail:
+        logits = model(input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1).logits
+    extra = {
+        "kept_entries": kept + len(tail),
+        "compressed_tokens": T,
+        "protected": int(protect.sum()),
+        "forward_s": round(t1 - t0, 4),
+        "score_s": round(t2 - t1, 4),
+    }
+    return cache, logits, extra

@@ -331,10 +331,16 @@ def _attention(
                 if spec.received:
                     cols_all = _visibility(attention_mask, causal, q, L, a, b, query.device)[1]
                     rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff, total)
-        for p in rows:
-            i = p - seen
-            probs, _, _ = _chunk_probs(query, key, attention_mask, causal, scaling, i, i + 1)
-            rec.rows[p] = _absolute(probs[:, :, 0], koff, total)
+        if rows:
+            # one pass over the span of requested rows when it is short (an observation window),
+            # row by row otherwise
+            lo, hi = rows[0] - seen, rows[-1] - seen + 1
+            spans = [(lo, hi)] if hi - lo <= 256 else [(p - seen, p - seen + 1) for p in rows]
+            for a, b in spans:
+                probs, _, _ = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
+                for p in rows:
+                    if a <= p - seen < b:
+                        rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
     if spec.head_stats:
         # per-head output norm over every row: (B,q,H,d) -> (B,H)
         rec.out_norm = _add_growing(rec.out_norm, out.float().norm(dim=-1).sum(1))

@@ -1,0 +1,149 @@
+"""``Sieve``: a method + a site + a budget — the one object users and the bench hand around.
+
+At the ``prefill`` site a sieve observes the prefill forward pass (only what its scorer needs),
+scores every cache entry per layer, keeps the protected entries (everything outside the
+compressible context, e.g. the chat template and the question, plus the observation window) and
+the best-scored context entries up to the budget, and physically shrinks the cache
+(:class:`flowsieve.kvcache.SieveLayer.keep`): ``kv_bytes`` drops to about ``keep`` of the full
+cache. Kept keys keep their original positions; later tokens get absolute positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flowsieve.errors import FlowsieveError, did_you_mean
+from flowsieve.observe import Observer, ObserveSpec
+from flowsieve.sieves import METHODS, KVScorer, ScoreContext
+
+SITES = ("prefill", "decode", "select", "layer", "prompt")
+
+
+@dataclass
+class Sieve:
+    """A compression method at a site under a budget.
+
+    Attributes:
+        method: a registered method name (``flowsieve ls`` lists them).
+        keep: share of the prompt's KV entries to keep, in (0, 1]; or give ``budget``.
+        budget: number of entries to keep per layer (protected ones included).
+        site: where the method is applied.
+        window: observation window (last prompt tokens whose attention scores the rest); they are
+            always kept.
+        seed: for methods that draw random numbers.
+        options: keyword arguments of the method (e.g. ``{"kernel": 7}`` for snapkv).
+    """
+
+    method: str
+    keep: float | None = None
+    budget: int | None = None
+    site: str = "prefill"
+    window: int = 32
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cls = METHODS.get(self.method)
+        if (self.keep is None) == (self.budget is None):
+            raise FlowsieveError("give exactly one of keep (a ratio) and budget (a token count)")
+        if self.keep is not None and not (0 < self.keep <= 1):
+            raise FlowsieveError(f"keep must be in (0, 1], got {self.keep}")
+        if self.budget is not None and self.budget < 1:
+            raise FlowsieveError(f"budget must be >= 1, got {self.budget}")
+        if self.site not in SITES:
+            raise FlowsieveError(
+                f"unknown site '{self.site}'{did_you_mean(self.site, SITES)}; known: {', '.join(SITES)}"
+            )
+        if self.site not in cls.sites:
+            raise FlowsieveError(
+                f"method '{self.method}' does not support site '{self.site}' (it supports: {', '.join(cls.sites)})"
+            )
+        if self.window < 1:
+            raise FlowsieveError(f"window must be >= 1, got {self.window}")
+        try:
+            self.scorer: KVScorer = cls(**self.options)
+        except TypeError as e:
+            raise FlowsieveError(f"bad option for method '{self.method}': {e}") from None
+
+    def target(self, n_tokens: int) -> int:
+        """Entries to keep per layer for a prompt of ``n_tokens``."""
+        if self.budget is not None:
+            if self.budget > n_tokens:
+                raise FlowsieveError(f"budget {self.budget} is larger than the prompt ({n_tokens} tokens)")
+            return self.budget
+        assert self.keep is not None
+        return max(1, round(self.keep * n_tokens))
+
+    def observe_spec(self, window: tuple[int, ...]) -> ObserveSpec:
+        return self.scorer.spec(window)
+
+    def compress(self, obs: Observer, cache: Any, protect: torch.Tensor, window: tuple[int, ...]) -> int:
+        """Score every sieve layer of ``cache`` from ``obs`` and keep the best entries.
+
+        Args:
+            obs: the observer of the prefill pass.
+            cache: a :class:`flowsieve.kvcache.SieveCache` holding the prompt.
+            protect: bool (T,), entries that are always kept.
+            window: absolute positions of the observation queries.
+
+        Returns:
+            the number of entries kept per sieve layer.
+        """
+        layers = cache.sieve_layers
+        T = int(cache.layer(layers[0]).stored_length) if layers else 0
+        if protect.shape[0] != T:
+            raise FlowsieveError(f"protect mask has {protect.shape[0]} entries, the cache holds {T}")
+        k = self.target(T)
+        n_protected = int(protect.sum())
+        if k < n_protected:
+            raise FlowsieveError(
+                f"the budget ({k} entries) is smaller than the tokens that must be kept "
+                f"({n_protected}: the question, the chat template and the observation window)"
+            )
+        if k >= T:
+            return T
+        cfg = obs.model.config
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        n_layers = len(obs.attn_modules)
+        raw = []
+        for i in range(n_layers):
+            ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed)
+            raw.append(self.scorer.score(obs.layer(i), ctx).float())
+        scores = self.scorer.accumulate(raw)
+        for i in layers:
+            idx = select_topk(scores[i], protect, k)
+            cache.keep(i, idx)
+        return k
+
+
+def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the protected entries plus the best others, k in all, ascending.
+
+    Args:
+        scores: (B, T) shared by heads or (B, Hk, T) per KV head; B must be 1.
+        protect: bool (T,).
+        k: entries to keep (>= protect.sum()).
+
+    Returns:
+        (k,) for shared scores, (1, Hk, k) per head.
+    """
+    if scores.shape[0] != 1:
+        raise FlowsieveError(
+            "sieves run one sequence at a time (batch size 1); padded batches are not supported"
+        )
+    s = scores[0].clone()
+    s = torch.nan_to_num(s, nan=float("-inf"))
+    big = torch.finfo(s.dtype).max
+    s[..., protect] = big
+    idx = s.topk(k, dim=-1).indices.sort(dim=-1).values
+    return idx if idx.dim() == 1 else idx[None]
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """name, sites and paper of every registered method."""
+    return [{"name": n, "sites": list(c.sites), "paper": c.paper} for n, c in METHODS.items()]

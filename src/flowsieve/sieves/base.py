@@ -1,0 +1,101 @@
+"""The narrow base every KV method implements, and small shared tensor helpers.
+
+Shapes: B batch, H query heads, Hk KV heads, g = H / Hk, T prompt tokens, w observation window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from flowsieve.observe import LayerObs, ObserveSpec
+from flowsieve.registry import Registry
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer knows about the prompt besides the observations.
+
+    Attributes:
+        n_tokens: T, tokens in the cache when scoring.
+        window: absolute positions of the observation queries (the question span in query-aware
+            mode, the last ``w`` tokens of the context otherwise).
+        n_heads / n_kv_heads: H and Hk.
+        layer: index of the layer being scored; n_layers: how many there are.
+        seed: for methods that draw random numbers.
+    """
+
+    n_tokens: int
+    window: tuple[int, ...]
+    n_heads: int
+    n_kv_heads: int
+    layer: int
+    n_layers: int
+    seed: int = 0
+
+
+@dataclass
+class KVScorer:
+    """Scores KV-cache entries; higher = keep. Subclasses are dataclasses registered in METHODS.
+
+    Class attributes:
+        name: registry name. paper: citation shown by ``flowsieve ls``.
+        sites: the sites the method supports.
+        needs: which observations it uses (fields of :class:`ObserveSpec`: "rows", "received",
+            "norms", "transitions").
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    sites: ClassVar[tuple[str, ...]] = ("prefill",)
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def spec(self, window: tuple[int, ...]) -> ObserveSpec:
+        """The observation this scorer needs during prefill."""
+        return ObserveSpec(
+            rows=window if "rows" in self.needs else (),
+            received="received" in self.needs,
+            norms="norms" in self.needs,
+            transitions="transitions" in self.needs,
+        )
+
+    def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
+        """Scores for one layer: (B, Hk, T) per KV head, or (B, T) shared by all heads."""
+        raise NotImplementedError
+
+    def accumulate(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Cross-layer step after all layers were scored (identity unless a method says otherwise)."""
+        return scores
+
+
+METHODS: Registry[type[KVScorer]] = Registry("method")
+
+
+def window_rows(obs: LayerObs, window: tuple[int, ...], T: int) -> torch.Tensor:
+    """Attention rows of the window queries, (B, H, w, T)."""
+    missing = [p for p in window if p not in obs.rows]
+    if missing:
+        raise RuntimeError(f"observation rows missing for positions {missing[:5]}")
+    return torch.stack([obs.rows[p][..., :T] for p in window], dim=2)
+
+
+def gqa_mean(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Average query-head scores over each KV head's group: (B, H, T) -> (B, Hk, T)."""
+    B, H, T = x.shape
+    return x.view(B, n_kv_heads, H // n_kv_heads, T).mean(2)
+
+
+def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
+    """Same-length 1-D pooling along the last dim (SnapKV's clustering of neighbouring tokens)."""
+    if kernel <= 1:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    pad = kernel // 2
+    if kind == "max":
+        out = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=pad)
+    else:
+        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=False)
+    return out[..., : shape[-1]].reshape(shape)

@@ -1,0 +1,35 @@
+"""Position-only baselines: random and recent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowsieve.observe import LayerObs
+from flowsieve.sieves.base import METHODS, KVScorer, ScoreContext
+
+
+@METHODS.register("random")
+@dataclass
+class RandomScorer(KVScorer):
+    """Uniformly random scores (seeded): the floor every method must beat."""
+
+    name = "random"
+    paper = "baseline"
+
+    def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
+        g = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.layer)
+        return torch.rand(1, ctx.n_tokens, generator=g)
+
+
+@METHODS.register("recent")
+@dataclass
+class RecentScorer(KVScorer):
+    """Keep the most recent tokens (a sliding window without sinks)."""
+
+    name = "recent"
+    paper = "baseline"
+
+    def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
+        return torch.arange(ctx.n_tokens, dtype=torch.float32)[None]

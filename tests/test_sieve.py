@@ -1,0 +1,160 @@
+"""KV sieves at the prefill site: invariants on tiny random models of two families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowsieve.errors import FlowsieveError
+from flowsieve.generate import Prompt, prefill_with_sieve
+from flowsieve.sieve import Sieve, list_methods, select_topk
+from flowsieve.sieves import METHODS
+
+PREFILL_METHODS = [n for n, c in METHODS.items() if "prefill" in c.sites]
+
+
+def _prompt(T: int, c0: int, c1: int, seed: int = 1) -> Prompt:
+    g = torch.Generator().manual_seed(seed)
+    ids = tuple(torch.randint(0, 128, (T,), generator=g).tolist())
+    return Prompt(ids=ids, context=(c0, c1), question=(c1, T), split=c1)
+
+
+def _per_layer_reference(model, ids: torch.Tensor, allowed: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Full forward where layer i uses the bool mask allowed[i] (B|1, H|1, T, T)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def fn(module, q, k, v, mask, **kw):
+        m = allowed.get(module.layer_idx)
+        if m is None:
+            return sdpa_attention_forward(module, q, k, v, mask, **kw)
+        kw.pop("is_causal", None)
+        return sdpa_attention_forward(module, q, k, v, m, is_causal=False, **kw)
+
+    AttentionInterface.register("test_per_layer", fn)
+    AttentionMaskInterface.register("test_per_layer", sdpa_mask)
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("test_per_layer")
+    try:
+        return model(ids).logits
+    finally:
+        model.set_attn_implementation(prev)
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_keep_all_is_identity(tiny_causal, method):
+    """keep = 1.0: the cache is untouched and greedy decoding gives exactly plain generate's tokens."""
+    from flowsieve.generate import decode_greedy
+
+    _, model = tiny_causal
+    p = _prompt(40, 3, 30)
+    cache, logits, extra = prefill_with_sieve(model, p, Sieve(method, keep=1.0, window=8), "query_aware")
+    assert extra["kept_entries"] == 40
+    got, _ = decode_greedy(model, cache, logits, 6, eos=set())
+    ref = model.generate(torch.tensor([p.ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 40:]
+    assert got == ref.tolist()
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+@pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])
+def test_compression_matches_masked_reference(tiny_causal, method, mode):
+    """After compression, kept counts are exact, protected entries are kept, and the next tokens'
+    logits equal a full forward in which the evicted keys are hidden from them (per layer, per head)."""
+    name, model = tiny_causal
+    T, c0, c1 = 48, 3, 38
+    p = _prompt(T, c0, c1)
+    sieve = Sieve(method, keep=0.5, window=6)
+    cache, _, extra = prefill_with_sieve(model, p, sieve, mode)
+    head = c1 if mode == "query_agnostic" else T
+    k = round(0.5 * head)
+    more = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    got = model(more, cache=cache).logits
+    ids = torch.cat([torch.tensor([p.ids]), more], dim=1)
+    N = ids.shape[1]
+    i = torch.arange(N)[:, None]
+    j = torch.arange(N)[None, :]
+    allowed = {}
+    H = model.config.num_attention_heads
+    for li in cache.sieve_layers:
+        layer = cache.layer(li)
+        pos = layer.positions  # (1|B, 1|Hk, S)
+        assert pos.shape[-1] == k + (N - head)  # kept + appended
+        kept_prompt = pos[..., :k]
+        # protected: everything outside the context and the observation window
+        must = set(range(c0)) | set(range(c1, head)) | set(range(head - 6, head))
+        for row in kept_prompt.reshape(-1, k):
+            assert must <= set(row.tolist())
+            assert row.tolist() == sorted(row.tolist())
+        Hk = pos.shape[1]
+        hidden = torch.ones(1, Hk, N, dtype=torch.bool)
+        hidden[..., head:] = False
+        hidden.scatter_(-1, kept_prompt.expand(1, Hk, k), False)
+        hidden = hidden.repeat_interleave(H // Hk, dim=1) if Hk > 1 else hidden
+        late = i >= head
+        allowed[li] = (j <= i) & ~(late & hidden[..., None, :])
+    if name == "gemma3":
+        # sliding layers are not compressed: their causal window mask
+        w = model.config.sliding_window
+        for li, t in enumerate(model.config.layer_types):
+            if t == "sliding_attention":
+                allowed[li] = ((j <= i) & (i - j < w))[None, None]
+    ref = _per_layer_reference(model, ids, allowed)[:, head:]
+    assert (got - ref[:, -4:]).abs().max().item() <= 1e-5
+    assert extra["kept_entries"] == k + (T - head)
+
+
+def test_kv_bytes_drop(tiny_causal):
+    from flowsieve.generate import full_kv_bytes, kv_bytes
+
+    _, model = tiny_causal
+    p = _prompt(64, 2, 56)
+    cache, _, _ = prefill_with_sieve(model, p, Sieve("snapkv", keep=0.25, window=4), "query_aware")
+    ratio = kv_bytes(cache) / full_kv_bytes(model, 64)
+    full_layers = len(cache.sieve_layers) / model.config.num_hidden_layers
+    # compressed layers hold a quarter; Gemma's sliding layers hold their window
+    assert ratio <= 0.25 * full_layers + (1 - full_layers) + 1e-6
+
+
+def test_select_topk_shared_and_per_head():
+    s = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.0]])
+    protect = torch.tensor([True, False, False, False, False])
+    assert select_topk(s, protect, 3).tolist() == [0, 1, 3]
+    s2 = torch.tensor([[[0.1, 0.9, 0.2, 0.8, 0.0], [0.5, 0.0, 0.9, 0.1, 0.7]]])
+    assert select_topk(s2, protect, 3).tolist() == [[[0, 1, 3], [0, 2, 4]]]
+    with pytest.raises(FlowsieveError, match="batch size 1"):
+        select_topk(torch.zeros(2, 5), protect, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"method": "snapkv", "keep": 0.0}, "keep must be in"),
+        ({"method": "snapkv", "keep": 1.5}, "keep must be in"),
+        ({"method": "snapkv"}, "exactly one of keep"),
+        ({"method": "snapkv", "keep": 0.5, "budget": 10}, "exactly one of keep"),
+        ({"method": "snapk", "keep": 0.5}, "did you mean 'snapkv'"),
+        ({"method": "snapkv", "keep": 0.5, "site": "decode"}, "does not support site 'decode'"),
+        ({"method": "snapkv", "keep": 0.5, "site": "prefil"}, "did you mean 'prefill'"),
+        ({"method": "snapkv", "keep": 0.5, "options": {"colour": 1}}, "bad option"),
+        ({"method": "snapkv", "budget": 0}, "budget must be"),
+    ],
+)
+def test_bad_sieve_arguments(kwargs, msg):
+    with pytest.raises(FlowsieveError, match=msg):
+        Sieve(**kwargs)
+
+
+def test_budget_errors(tiny_causal):
+    _, model = tiny_causal
+    p = _prompt(30, 2, 24)
+    with pytest.raises(FlowsieveError, match="larger than the prompt"):
+        prefill_with_sieve(model, p, Sieve("recent", budget=31, window=4), "query_aware")
+    with pytest.raises(FlowsieveError, match="smaller than the tokens that must be kept"):
+        prefill_with_sieve(model, p, Sieve("recent", budget=5, window=4), "query_aware")
+
+
+def test_every_method_is_listed_with_a_paper():
+    rows = list_methods()
+    assert {r["name"] for r in rows} == set(METHODS)
+    assert all(r["paper"] and r["sites"] for r in rows)
