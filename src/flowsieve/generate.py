@@ -312,7 +312,15 @@ def prefill_with_sieve(
     kept = sieve.compress(obs, cache, protect, window)
     t2 = time.perf_counter()
     if tail:
-        logits = model(input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1).logits
+        if len({cache.layer(i).stored_length for i in cache.sieve_layers}) > 1:
+            # layers hold different numbers of entries (a per-layer schedule): the mask of a
+            # multi-token chunk cannot be shared, single tokens need none
+            for t in tail:
+                logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
+        else:
+            logits = model(
+                input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1
+            ).logits
     extra = {
         "kept_entries": kept + len(tail),
         "compressed_tokens": T,

@@ -90,7 +90,7 @@ class Sieve:
             window: absolute positions of the observation queries.
 
         Returns:
-            the number of entries kept per sieve layer.
+            the mean number of entries kept per sieve layer.
         """
         layers = cache.sieve_layers
         T = int(cache.layer(layers[0]).stored_length) if layers else 0
@@ -115,10 +115,14 @@ class Sieve:
             ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed)
             raw.append(self.scorer.score(obs.layer(i), ctx).float())
         scores = self.scorer.accumulate(raw)
+        plan = self.scorer.budgets(k, n_protected, T, layers)
         for i in layers:
-            idx = select_topk(scores[i], protect, k)
-            cache.keep(i, idx)
-        return k
+            ki = plan[i]
+            if not n_protected <= ki <= T:
+                raise FlowsieveError(f"layer {i}: budget {ki} outside [{n_protected}, {T}]")
+            if ki < T:
+                cache.keep(i, select_topk(scores[i], protect, ki))
+        return round(sum(plan.values()) / max(len(plan), 1))
 
 
 def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:

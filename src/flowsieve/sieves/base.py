@@ -69,6 +69,11 @@ class KVScorer:
         """Cross-layer step after all layers were scored (identity unless a method says otherwise)."""
         return scores
 
+    def budgets(self, k: int, n_protected: int, n_tokens: int, layers: list[int]) -> dict[int, int]:
+        """Entries to keep per compressed layer; the same ``k`` everywhere unless a method schedules
+        layers differently (pyramids). Each must lie in [n_protected, n_tokens]."""
+        return dict.fromkeys(layers, k)
+
 
 METHODS: Registry[type[KVScorer]] = Registry("method")
 

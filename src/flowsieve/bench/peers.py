@@ -1,0 +1,495 @@
+"""Peer systems run side by side with flowsieve: NVIDIA kvpress and Microsoft LLMLingua.
+
+Each peer runs in its own virtual environment (kvpress needs ``transformers<5.3``, LLMLingua-1 needs
+``transformers==4.44``; flowsieve needs 5.24), created once by :func:`ensure_env` under
+``.venv-peers/<system>/`` in the repository root and reused afterwards. :func:`run_peer` writes the
+items to a JSONL file, runs the peer's runner script (``bench/peers/<system>_runner.py``) with that
+environment's python, and reads back one row per item with the same fields flowsieve's own runs
+report (:class:`flowsieve.generate.GenResult`). The runners call the peers' public APIs; no peer
+code is copied into flowsieve.
+
+Both runners use the bundled SmolLM2 (its GGUF, converted once inside each peer's environment, since
+a tokenizer must be read by the transformers version that saved it) and the prompt flowsieve uses:
+the chat template with one user turn ``context + "\\n\\n" + question + "\\nAnswer briefly."``, greedy
+decoding.
+
+Modes (see each runner's docstring for the details, which are also written into every row's
+``extra``):
+
+- kvpress ``query_agnostic``: its text-generation pipeline, which compresses the context's KV cache
+  before the question is seen, then appends the question; ``query_aware``: context and question
+  compressed together (the question is part of kvpress's context, as its ``evaluate.py
+  --query_aware`` does), so question tokens can be evicted too.
+- LLMLingua ``query_aware``: the question conditions the compression (LongLLMLingua's
+  question-aware ranking; LLMLingua-1 gets it as ``question=`` too); ``query_agnostic``: the
+  question is withheld from the compressor. The compressed prompt is then answered by the same
+  SmolLM2 inside the runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowsieve.errors import FlowsieveError, did_you_mean, unknown
+
+MODES = ("query_aware", "query_agnostic")
+
+TORCH_PIN = "torch==2.13.0"
+"""Installed first, alone: the local CPU wheel. An unpinned torch pulls a multi-GB CUDA build."""
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """How to build a peer's environment and run it."""
+
+    system: str
+    package: str
+    """The peer's pip requirement, pinned."""
+    requirements: tuple[str, ...]
+    """Installed together with ``package`` (after torch)."""
+    methods: dict[str, str]
+    """Our method name -> the peer's class or method it runs."""
+    runner: str
+    """File name of the runner script in ``bench/peers/``."""
+    modes: tuple[str, ...] = MODES
+
+
+PEERS: dict[str, PeerSpec] = {
+    "kvpress": PeerSpec(
+        system="kvpress",
+        package="kvpress==0.5.5",
+        requirements=("transformers>=4.56,<5.3", "gguf>=0.10", "accelerate>=1.0", "psutil>=5.9"),
+        methods={
+            "snapkv": "SnapKVPress",
+            "streaming_llm": "StreamingLLMPress",
+            "tova": "TOVAPress",
+            "knorm": "KnormPress",
+            "observed_attention": "ObservedAttentionPress",
+            "expected_attention": "ExpectedAttentionPress",
+            "keydiff": "KeyDiffPress",
+            "pyramidkv": "PyramidKVPress",
+            "adakv_expected_attention": "AdaKVPress(ExpectedAttentionPress)",
+        },
+        runner="kvpress_runner.py",
+    ),
+    "llmlingua": PeerSpec(
+        system="llmlingua",
+        package="llmlingua==0.2.2",
+        # LLMLingua-1 unpacks tuple caches: transformers 5 fails ("too many values to unpack")
+        requirements=("transformers==4.44.*", "gguf>=0.10", "accelerate>=1.0", "psutil>=5.9"),
+        methods={
+            "llmlingua": "LLMLingua-1 (PromptCompressor.compress_prompt, rank_method='llmlingua')",
+            "longllmlingua": "LongLLMLingua (PromptCompressor.compress_prompt, rank_method='longllmlingua')",
+        },
+        runner="llmlingua_runner.py",
+    ),
+}
+
+PEER_METHODS: dict[str, dict[str, str]] = {s: dict(p.methods) for s, p in PEERS.items()}
+"""Per peer system: our method name -> what the peer runs (kvpress press class, LLMLingua variant)."""
+
+ROW_FIELDS = (
+    "item_id",
+    "prediction",
+    "prompt_tokens",
+    "kept_tokens",
+    "kv_bytes",
+    "kv_bytes_full",
+    "peak_rss_mb",
+    "prefill_s",
+    "decode_tok_s",
+    "new_tokens",
+    "extra",
+)
+"""The keys of every row :func:`run_peer` returns."""
+
+BUILD_TIMEOUT_S = 1800
+ERROR_TAG = "FLOWSIEVE-PEER-ERROR:"
+"""A runner's last stderr line starting with this is its one-line reason for failing."""
+
+
+# --- names -------------------------------------------------------------------------------------------
+
+
+def peer_spec(system: str) -> PeerSpec:
+    """The spec of peer ``system``; unknown names raise :class:`FlowsieveError` with a suggestion."""
+    spec = PEERS.get(system)
+    if spec is None:
+        raise unknown("peer", str(system), PEERS)
+    return spec
+
+
+def peer_method(system: str, method: str) -> str:
+    """What the peer runs for our method name ``method`` (e.g. ``snapkv`` -> ``SnapKVPress``)."""
+    spec = peer_spec(system)
+    if method not in spec.methods:
+        names = list(spec.methods)
+        raise FlowsieveError(
+            f"{system} has no method '{method}'{did_you_mean(str(method), names)}; methods: {', '.join(names)}"
+        )
+    return spec.methods[method]
+
+
+# --- environments ------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """The checkout flowsieve runs from (peer environments and runner scripts live there)."""
+    return Path(__file__).resolve().parents[3]
+
+
+def peers_dir() -> Path:
+    """Where the peer environments live: ``$FLOWSIEVE_PEERS_DIR`` or ``<repo>/.venv-peers``."""
+    env = os.environ.get("FLOWSIEVE_PEERS_DIR")
+    return Path(env) if env else repo_root() / ".venv-peers"
+
+
+def runner_path(system: str) -> Path:
+    """The runner script of peer ``system`` (``bench/peers/<system>_runner.py`` in the checkout)."""
+    path = repo_root() / "bench" / "peers" / peer_spec(system).runner
+    if not path.is_file():
+        raise FlowsieveError(
+            f"the {system} runner script {path} is missing (peers run from a flowsieve checkout, "
+            "not from an installed wheel)"
+        )
+    return path
+
+
+def env_python(env: Path) -> Path:
+    return env / "bin" / "python"
+
+
+def _install_steps(spec: PeerSpec) -> list[list[str]]:
+    # torch alone first, so the resolver sees it installed and never reaches for a CUDA build
+    return [[TORCH_PIN], [spec.package, *spec.requirements]]
+
+
+def _spec_hash(spec: PeerSpec) -> str:
+    key = json.dumps({"steps": _install_steps(spec), "python": sys.version_info[:2]})
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+STAMP = ".flowsieve-peer.json"
+
+
+def env_ready(system: str) -> bool:
+    """Whether the environment of ``system`` exists and was built from the current spec."""
+    env = peers_dir() / system
+    try:
+        stamp = json.loads((env / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("spec") == _spec_hash(peer_spec(system)) and env_python(env).exists()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (two bench processes must not build one env at once)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """The most telling line of a tool's output: the last ``ERROR``/exception line, else the last line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    tagged = [ln for ln in lines if ln.startswith(ERROR_TAG)]
+    if tagged:
+        line = tagged[-1][len(ERROR_TAG) :].strip()
+    else:
+        errs = [ln for ln in lines if ln.startswith("ERROR") or "Error:" in ln or "Exception:" in ln]
+        line = errs[-1] if errs else lines[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _run_step(cmd: Sequence[str], what: str, timeout: float) -> None:
+    try:
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as e:
+        raise FlowsieveError(f"{what} took longer than {timeout:.0f}s") from e
+    except OSError as e:
+        raise FlowsieveError(f"{what} could not start: {e}") from e
+    if proc.returncode != 0:
+        raise FlowsieveError(f"{what} failed: {one_line(proc.stderr or proc.stdout)}")
+
+
+def ensure_env(system: str, *, timeout: float = BUILD_TIMEOUT_S) -> Path:
+    """The virtual environment of peer ``system``, created on first use and reused afterwards.
+
+    Created under ``.venv-peers/<system>/`` (see :func:`peers_dir`) with this interpreter's ``venv``;
+    ``torch==2.13.0`` is installed first and alone (the local CPU wheel), then the peer pinned with
+    its transformers range, gguf and accelerate. A stamp file records the spec it was built from: a
+    changed spec, or a build that was interrupted, rebuilds it from scratch. Downloads from PyPI
+    (minutes). Failures raise :class:`FlowsieveError` with pip's reason in one line.
+    """
+    spec = peer_spec(system)
+    root = peers_dir()
+    env = root / system
+    with _locked(root / f".{system}.lock"):
+        if env_ready(system):
+            return env
+        shutil.rmtree(env, ignore_errors=True)
+        t0 = time.perf_counter()
+        _run_step([sys.executable, "-m", "venv", str(env)], f"creating the {system} environment", timeout)
+        pip = [str(env_python(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for step in _install_steps(spec):
+            _run_step(pip + step, f"installing {' '.join(step)} into the {system} environment", timeout)
+        versions = _env_versions(env)
+        stamp = {
+            "spec": _spec_hash(spec),
+            "steps": _install_steps(spec),
+            "built_s": round(time.perf_counter() - t0, 1),
+            "versions": versions,
+        }
+        (env / STAMP).write_text(json.dumps(stamp, indent=1))
+    return env
+
+
+def _env_versions(env: Path) -> dict[str, str]:
+    code = (
+        "import json, importlib.metadata as m\n"
+        "out = {}\n"
+        "for p in ('torch', 'transformers', 'tokenizers', 'kvpress', 'llmlingua', 'gguf', 'accelerate'):\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))"
+    )
+    try:
+        proc = subprocess.run([str(env_python(env)), "-c", code], capture_output=True, text=True, timeout=120)
+        return json.loads(proc.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return {}
+
+
+# --- items and rows ----------------------------------------------------------------------------------
+
+
+def item_record(item: Any) -> dict[str, Any]:
+    """The JSON-safe fields of a task item the runners read."""
+    meta = getattr(item, "meta", None) or {}
+    return {
+        "task": str(item.task),
+        "item_id": str(item.item_id),
+        "context": str(item.context),
+        "question": str(item.question),
+        "answers": [str(a) for a in item.answers],
+        "meta": json.loads(json.dumps(meta, default=str)),
+    }
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line (UTF-8); returns how many."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by :func:`write_jsonl` (blank lines skipped)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                raise FlowsieveError(f"{path}: line {i} is not JSON ({e})") from e
+    return out
+
+
+def _check_rows(system: str, rows: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]:
+    got = [r.get("item_id") for r in rows]
+    if got != ids:
+        raise FlowsieveError(f"the {system} runner returned rows for {len(got)} items, expected {len(ids)}")
+    for r in rows:
+        missing = [f for f in ROW_FIELDS if f not in r]
+        if missing:
+            raise FlowsieveError(f"the {system} runner's row for {r['item_id']} lacks {', '.join(missing)}")
+        r["extra"] = dict(r.get("extra") or {})
+    return [{f: r[f] for f in ROW_FIELDS} for r in rows]
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def _check_args(system: str, method: str, keep: float, mode: str, max_new_tokens: int, threads: int) -> None:
+    peer_method(system, method)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise FlowsieveError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    if mode not in MODES:
+        raise FlowsieveError(
+            f"mode must be one of {', '.join(MODES)}, got {mode!r}{did_you_mean(str(mode), MODES)}"
+        )
+    for name, v in (("max_new_tokens", max_new_tokens), ("threads", threads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FlowsieveError(f"{name} must be a positive integer, got {v!r}")
+
+
+def peer_cache_dir() -> Path:
+    """Where the runners keep SmolLM2 converted by their own transformers (``<cache>/peers``)."""
+    from flowsieve.models import cache_dir
+
+    return cache_dir() / "peers"
+
+
+def run_peer(
+    system: str,
+    items: Sequence[Any],
+    method: str,
+    keep: float,
+    model_name: str = "smollm2",
+    mode: str = "query_aware",
+    max_new_tokens: int = 32,
+    threads: int = 2,
+    *,
+    timeout: float | None = None,
+    build: bool = True,
+) -> list[dict[str, Any]]:
+    """Run peer ``system`` with ``method`` at ``keep`` on ``items``; one row per item, in order.
+
+    Args:
+        system: ``kvpress`` or ``llmlingua``.
+        items: task items (anything with task, item_id, context, question, answers, meta).
+        method: our name of the peer's method (``PEER_METHODS[system]``).
+        keep: fraction of the context kept (kvpress ``compression_ratio = 1 - keep``; LLMLingua
+            ``rate = keep``).
+        model_name: the bundled model; only ``smollm2`` is wired into the runners.
+        mode: ``query_aware`` (question seen while compressing) or ``query_agnostic``.
+        max_new_tokens: greedy decoding length limit.
+        threads: torch threads in the runner.
+        timeout: seconds for the whole run (default: 300 + 120 per item).
+        build: create the environment when it is missing (else a missing one is an error).
+
+    Returns:
+        Rows with the keys :data:`ROW_FIELDS`; ``extra`` holds the peer's version, the exact press or
+        compressor settings, the mode as the peer implements it, and any prompt difference from
+        flowsieve's.
+
+    Raises:
+        FlowsieveError: bad arguments, or the peer could not be set up or run (one readable line).
+    """
+    _check_args(system, method, keep, mode, max_new_tokens, threads)
+    if model_name != "smollm2":
+        raise FlowsieveError(f"peers run only with the bundled smollm2 for now, not '{model_name}'")
+    items = list(items)
+    if not items:
+        return []
+    ids = [str(it.item_id) for it in items]
+    if len(set(ids)) != len(ids):
+        raise FlowsieveError("item ids must be unique")
+    script = runner_path(system)
+    if build:
+        env = ensure_env(system)
+    else:
+        env = peers_dir() / system
+        if not env_ready(system):
+            raise FlowsieveError(
+                f"the {system} environment {env} does not exist or is incomplete; create it with "
+                f"flowsieve.bench.peers.ensure_env('{system}')"
+            )
+    from flowsieve.models import BUNDLED
+
+    gguf_dir, gguf_file = BUNDLED[model_name].locate()
+    if timeout is None:
+        timeout = 300 + 120 * len(items)
+    config = {
+        "method": method,
+        "peer_method": peer_method(system, method),
+        "keep": float(keep),
+        "mode": mode,
+        "max_new_tokens": max_new_tokens,
+        "threads": threads,
+        "model_name": model_name,
+        "gguf_dir": str(gguf_dir),
+        "gguf_file": gguf_file,
+        "cache_dir": str(peer_cache_dir()),
+        "instruction": _instruction(),
+    }
+    with tempfile.TemporaryDirectory(prefix=f"flowsieve-{system}-") as tmp:
+        tmpd = Path(tmp)
+        write_jsonl(tmpd / "items.jsonl", (item_record(it) for it in items))
+        (tmpd / "config.json").write_text(json.dumps(config))
+        cmd = [
+            str(env_python(env)),
+            str(script),
+            "--items",
+            str(tmpd / "items.jsonl"),
+            "--config",
+            str(tmpd / "config.json"),
+            "--out",
+            str(tmpd / "rows.jsonl"),
+        ]
+        proc_env = _runner_env(threads)
+        try:
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=proc_env,
+                stdin=subprocess.DEVNULL,
+                cwd=tmp,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise FlowsieveError(
+                f"{system} ({method}) did not finish {len(items)} items in {timeout:.0f}s"
+            ) from e
+        except OSError as e:
+            raise FlowsieveError(f"{system} runner could not start: {e}") from e
+        if proc.returncode != 0:
+            reason = one_line(proc.stderr) or f"exit status {proc.returncode}"
+            raise FlowsieveError(f"{system} ({method}) failed: {reason}")
+        if not (tmpd / "rows.jsonl").exists():
+            raise FlowsieveError(f"{system} ({method}) wrote no results: {one_line(proc.stderr)}")
+        rows = read_jsonl(tmpd / "rows.jsonl")
+    return _check_rows(system, rows, ids)
+
+
+def _instruction() -> str:
+    from flowsieve.generate import DEFAULT_INSTRUCTION
+
+    return DEFAULT_INSTRUCTION
+
+
+def _runner_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(
+        {
+            # nothing is downloaded: the runners read the bundled GGUF and their own caches
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONNOUSERSITE": "1",
+        }
+    )
+    return env

@@ -1,0 +1,614 @@
+"""The bench report: PNG plots and one self-contained ``index.html`` from a results store.
+
+:func:`write_report` reads every row of a :class:`~flowsieve.bench.store.Store` and writes, per
+(model, task variant):
+
+- ``score_vs_keep_*.png``: mean score against the keep ratio, one line per method (and site) or
+  peer method, one panel per mode, the full-context score as a dashed horizontal line;
+- ``pareto_*.png``: mean score against mean prefill time and against mean KV-cache bytes, one
+  point per (method, keep), the Pareto frontier (faster/smaller and better) drawn through them;
+
+and ``index.html`` with the plots embedded as ``data:`` URIs, the tables (mean score per method ×
+keep with item counts; the best flowsieve method against each peer's best at every keep; speed and
+memory ratios against the full-context run of the same items), the settings (models, versions,
+git hashes, machines, sweeps) and the cells or peers that failed, with the reason. Every string
+that comes from the store is escaped; the page runs no script.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import platform
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from flowsieve.bench.store import FULL, MODES, Store, now
+
+PEER_NOTE = (
+    "Peers run in their own environments (their own transformers version); their time and memory "
+    "ratios are against flowsieve's full-context run of the same items."
+)
+
+
+# --- grouping --------------------------------------------------------------------------------------
+
+
+def task_label(task: str, params: Mapping[str, Any]) -> str:
+    """``needle (length=2000)``: the task and its parameters that are set."""
+    parts = [f"{k}={v}" for k, v in sorted(params.items()) if v is not None]
+    return f"{task} ({', '.join(parts)})" if parts else task
+
+
+def line_label(row: Mapping[str, Any]) -> str:
+    """How a row's method is named in plots and tables: ``full``, ``snapkv@prefill``, ``kvpress:tova``."""
+    if row["system"] == "flowsieve":
+        return FULL if row["method"] == FULL else f"{row['method']}@{row['site']}"
+    return f"{row['system']}:{row['method']}"
+
+
+def _setting(row: Mapping[str, Any]) -> tuple[float, int]:
+    return (float(row["keep"]), int(row["budget"]))
+
+
+def _setting_label(setting: tuple[float, int]) -> str:
+    keep, budget = setting
+    return f"budget {budget}" if budget else f"keep {keep:g}"
+
+
+def _setting_order(setting: tuple[float, int]) -> tuple[int, float]:
+    keep, budget = setting
+    return (1, budget) if budget else (0, -keep)
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    return fmean(v) if v else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def _div(a: float | None, b: float) -> float | None:
+    return None if a is None else a / b
+
+
+def _prefix_agreement(ids: Sequence[int] | None, ref: Sequence[int] | None) -> float | None:
+    """The share of the reference's tokens generated identically before the first difference."""
+    if not ids or not ref:
+        return None
+    n = 0
+    for a, b in zip(ids, ref):
+        if a != b:
+            break
+        n += 1
+    return n / len(ref)
+
+
+@dataclass
+class Group:
+    """The rows of one (model, task variant, mode, method line, keep/budget)."""
+
+    line: str
+    system: str
+    setting: tuple[float, int]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def mean(self, column: str) -> float | None:
+        return _mean(r.get(column) for r in self.rows)
+
+
+@dataclass
+class Section:
+    """The rows of one (model, task variant), by mode."""
+
+    model: str
+    task: str
+    label: str
+    modes: dict[str, dict[tuple[str, tuple[float, int]], Group]] = field(default_factory=dict)
+    ref: dict[tuple[str, str, int, int], dict[str, Any]] = field(default_factory=dict)
+    """(item_id, mode, seed, max_new_tokens) -> the full-context row."""
+
+    def full(self, mode: str) -> Group | None:
+        return self.modes.get(mode, {}).get((FULL, (1.0, 0)))
+
+
+def sections(rows: Iterable[Mapping[str, Any]]) -> list[Section]:
+    """Rows grouped by (model, task variant), then mode, then (line, setting)."""
+    out: dict[tuple[str, str], Section] = {}
+    for r in rows:
+        label = task_label(r["task"], r.get("task_params") or {})
+        sec = out.get((r["model"], label))
+        if sec is None:
+            sec = out[(r["model"], label)] = Section(r["model"], r["task"], label)
+        line = line_label(r)
+        key = (line, _setting(r))
+        groups = sec.modes.setdefault(r["mode"], {})
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(line, r["system"], _setting(r))
+        g.rows.append(dict(r))
+        if line == FULL:
+            sec.ref[(r["item_id"], r["mode"], int(r["seed"]), int(r["max_new_tokens"]))] = dict(r)
+    for sec in out.values():
+        sec.modes = {m: sec.modes[m] for m in sorted(sec.modes, key=_mode_order)}
+    return sorted(out.values(), key=lambda s: (s.model, s.label))
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    return (MODES.index(mode), mode) if mode in MODES else (len(MODES), mode)
+
+
+@dataclass
+class Ratios:
+    """A group against the full-context rows of the same items (only items that have both)."""
+
+    n: int
+    score: float | None
+    score_full: float | None
+    prefill: float | None
+    decode: float | None
+    kv: float | None
+    rss: float | None
+    agreement: float | None
+    kept: float | None
+
+
+def ratios(sec: Section, mode: str, g: Group) -> Ratios:
+    pairs = []
+    for r in g.rows:
+        ref = sec.ref.get((r["item_id"], mode, int(r["seed"]), int(r["max_new_tokens"])))
+        if ref is not None:
+            pairs.append((r, ref))
+    a = [p[0] for p in pairs]
+    b = [p[1] for p in pairs]
+
+    def m(rows: list[dict[str, Any]], c: str) -> float | None:
+        return _mean(r.get(c) for r in rows)
+
+    kv = _ratio(m(a, "kv_bytes"), m(b, "kv_bytes"))
+    agree = _mean(
+        _prefix_agreement((r.get("extra") or {}).get("token_ids"), (f.get("extra") or {}).get("token_ids"))
+        for r, f in pairs
+    )
+    return Ratios(
+        n=len(pairs),
+        score=m(a, "score"),
+        score_full=m(b, "score"),
+        prefill=_ratio(m(a, "prefill_s"), m(b, "prefill_s")),
+        decode=_ratio(m(a, "decode_tok_s"), m(b, "decode_tok_s")),
+        kv=kv,
+        rss=_ratio(m(a, "peak_rss_mb"), m(b, "peak_rss_mb")),
+        agreement=agree,
+        kept=_ratio(m(a, "kept_tokens"), m(a, "prompt_tokens")),
+    )
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _colors(lines: Iterable[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    names = sorted(set(lines) - {FULL})
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    out: dict[str, Any] = {FULL: "black"}
+    for i, n in enumerate(names):
+        out[n] = cmap(i % cmap.N)
+    return out
+
+
+def _marker(line: str) -> str:
+    return "o" if ":" not in line else "s"  # peers get squares
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_score_vs_keep(sec: Section, path: Path, colors: Mapping[str, Any]) -> Path:
+    """Mean score against keep ratio, one panel per mode; budget cells are left out."""
+    modes = list(sec.modes)
+    fig = _figure(5.2 * len(modes) + 2.2, 4.2)
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        groups = sec.modes[mode]
+        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for g in groups.values():
+            keep, budget = g.setting
+            score = g.mean("score")
+            if g.line != FULL and not budget and score is not None:
+                lines[g.line].append((keep, score))
+        for line in sorted(lines):
+            pts = sorted(lines[line])
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=_marker(line),
+                linestyle="--" if ":" in line else "-",
+                color=colors.get(line),
+                label=line,
+            )
+        full = sec.full(mode)
+        if full is not None and full.mean("score") is not None:
+            ax.axhline(full.mean("score"), color="black", linestyle=":", linewidth=1.5, label="full context")
+        ax.set_title(f"{mode}", fontsize=10)
+        ax.set_xlabel("keep ratio")
+        ax.set_ylabel("mean score")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{sec.model} · {sec.label}: score vs keep", fontsize=11)
+    fig.savefig(path, format="png")
+    return path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower x, higher y), by increasing x."""
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(sec: Section, path: Path, colors: Mapping[str, Any]) -> Path:
+    """Score against prefill seconds and against KV bytes, one row per mode, frontier drawn."""
+    modes = list(sec.modes)
+    fig = _figure(11.5, 3.8 * len(modes) + 0.4)
+    axes = fig.subplots(len(modes), 2, squeeze=False)
+    seen: dict[str, Any] = {}
+    for row, mode in zip(axes, modes):
+        groups = sec.modes[mode]
+        for ax, column, xlabel in (
+            (row[0], "prefill_s", "mean prefill time (s)"),
+            (row[1], "kv_bytes", "mean KV-cache size (MiB)"),
+        ):
+            scale = 2**20 if column == "kv_bytes" else 1.0
+            pts = []
+            for g in groups.values():
+                x, y = g.mean(column), g.mean("score")
+                if x is None or y is None:
+                    continue
+                x /= scale
+                pts.append((x, y))
+                h = ax.scatter(
+                    [x],
+                    [y],
+                    color=colors.get(g.line),
+                    marker="*" if g.line == FULL else _marker(g.line),
+                    s=140 if g.line == FULL else 40,
+                    zorder=3,
+                    label=g.line,
+                )
+                seen.setdefault(g.line, h)
+                if g.line != FULL:
+                    ax.annotate(
+                        _setting_label(g.setting).replace("keep ", ""),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 3),
+                        fontsize=6,
+                    )
+            front = pareto_front(pts)
+            if front:
+                fx, fy = [p[0] for p in front], [p[1] for p in front]
+                ax.step(fx, fy, where="post", color="grey", alpha=0.6, zorder=2)
+                ax.scatter(fx, fy, s=150, facecolors="none", edgecolors="grey", linewidths=1.2, zorder=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean score")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"{mode}", fontsize=10)
+            ax.grid(alpha=0.3)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{sec.model} · {sec.label}: score vs cost (Pareto frontier ringed in grey)", fontsize=11)
+    fig.savefig(path, format="png")
+    return path
+
+
+# --- HTML ------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+    """A table; ``header`` and cells are HTML already (escape before)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _score_cell(g: Group | None) -> str:
+    if g is None:
+        return ""
+    return f"{_f(g.mean('score'))} <span class=n>n={len(g.rows)}</span>"
+
+
+def score_table(sec: Section, mode: str) -> str:
+    """Mean score per method line × keep (or budget), with item counts."""
+    groups = sec.modes[mode]
+    settings = sorted({g.setting for g in groups.values()}, key=_setting_order)
+    lines = sorted({g.line for g in groups.values()}, key=lambda s: (s != FULL, ":" in s, s))
+    rows = []
+    for line in lines:
+        rows.append([_e(line), *(_score_cell(groups.get((line, s))) for s in settings)])
+    header = ["method", *(_e(_setting_label(s)) for s in settings)]
+    return _table(header, rows, "scores")
+
+
+def best_table(sec: Section, mode: str) -> str:
+    """At every keep: the full score, the best flowsieve method and each peer's best."""
+    groups = sec.modes[mode]
+    systems = sorted({g.system for g in groups.values()}, key=lambda s: (s != "flowsieve", s))
+    keeps = sorted(
+        {g.setting for g in groups.values() if g.line != FULL and not g.setting[1]}, key=_setting_order
+    )
+    full = sec.full(mode)
+    rows = []
+    for s in keeps:
+        cells = [_e(_setting_label(s)), _f(full.mean("score")) if full else "—"]
+        for system in systems:
+            cands = [g for g in groups.values() if g.system == system and g.setting == s and g.line != FULL]
+            cands = [g for g in cands if g.mean("score") is not None]
+            if not cands:
+                cells.append("—")
+                continue
+            best = max(cands, key=lambda g: (g.mean("score"), -len(g.line)))
+            cells.append(f"{_f(best.mean('score'))} <span class=n>{_e(best.line)}, n={len(best.rows)}</span>")
+        rows.append(cells)
+    if not rows:
+        return ""
+    header = ["setting", "full context", *(f"best {_e(s)}" for s in systems)]
+    return _table(header, rows, "best")
+
+
+def ratio_table(sec: Section, mode: str) -> str:
+    """Per method and keep, against the full-context rows of the same items."""
+    groups = sec.modes[mode]
+    rows = []
+    for g in sorted(
+        groups.values(), key=lambda g: (g.line != FULL, ":" in g.line, g.line, _setting_order(g.setting))
+    ):
+        if g.line == FULL:
+            rows.append(
+                [
+                    _e(g.line),
+                    "",
+                    str(len(g.rows)),
+                    _f(g.mean("score")),
+                    _f(g.mean("score")),
+                    _f(g.mean("prefill_s"), 3) + " s",
+                    _f(g.mean("decode_tok_s"), 1) + " tok/s",
+                    _f(_div(g.mean("kv_bytes"), 2**20), 2) + " MiB",
+                    _f(g.mean("peak_rss_mb"), 0) + " MB",
+                    "1.00",
+                    _f(_ratio(g.mean("kept_tokens"), g.mean("prompt_tokens")), 2),
+                ]
+            )
+            continue
+        r = ratios(sec, mode, g)
+        rows.append(
+            [
+                _e(g.line),
+                _e(_setting_label(g.setting)),
+                str(r.n),
+                _f(r.score),
+                _f(r.score_full),
+                _x(r.prefill),
+                _x(r.decode),
+                _x(r.kv),
+                _x(r.rss),
+                _f(r.agreement, 2),
+                _f(r.kept, 2),
+            ]
+        )
+    header = [
+        "method",
+        "setting",
+        "items paired",
+        "score",
+        "full score (same items)",
+        "prefill time",
+        "decode tok/s",
+        "KV bytes",
+        "peak RSS",
+        "token agreement",
+        "kept / prompt tokens",
+    ]
+    return _table(header, rows, "ratios")
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+
+
+def _json_brief(value: Any) -> str:
+    return _e(json.dumps(value, sort_keys=True, default=str))
+
+
+def settings_html(rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> str:
+    models = sorted({r["model"] for r in rows})
+    versions = sorted({json.dumps(r.get("versions") or {}, sort_keys=True) for r in rows})
+    hashes = sorted({str(r.get("git_hash")) for r in rows})
+    items = [
+        ("models", ", ".join(_e(m) for m in models) or "—"),
+        ("package versions", "<br>".join(_e(v) for v in versions) or "—"),
+        ("git hashes", "<br>".join(_e(h) for h in hashes) or "—"),
+        ("rows", str(len(rows))),
+        ("report made", f"{_e(now())} on {_e(platform.platform())}"),
+    ]
+    out = "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
+    run_rows = []
+    for run in runs:
+        m = run.get("machine") or {}
+        machine = (
+            f"{_e(m.get('platform', '?'))}, {_e(m.get('cpu_count', '?'))} CPUs, "
+            f"{_e(m.get('torch_threads', '?'))} torch threads, {_e(m.get('memory_gb', '?'))} GB"
+        )
+        run_rows.append(
+            [
+                _e(run["id"]),
+                _e(run["started_at"]),
+                _e(run.get("finished_at") or "did not finish"),
+                _e(run.get("cells_planned") if run.get("cells_planned") is not None else "—"),
+                _e(run.get("cells_written") if run.get("cells_written") is not None else "—"),
+                _e(run.get("cells_failed") if run.get("cells_failed") is not None else "—"),
+                machine,
+                _e(run.get("git_hash", "")),
+                f"<code>{_json_brief(run.get('config') or {})}</code>",
+            ]
+        )
+    if run_rows:
+        header = ["sweep", "started", "finished", "cells", "written", "failed", "machine", "git", "settings"]
+        out += "<h3>Sweeps</h3>" + _table(header, run_rows, "runs")
+    return out
+
+
+def failures_html(failures: Sequence[Mapping[str, Any]]) -> str:
+    peers = [f for f in failures if f["system"] != "flowsieve"]
+    cells = [f for f in failures if f["system"] == "flowsieve"]
+    out = "<h3>Peers that failed</h3>"
+    if peers:
+        rows = [
+            [
+                _e(f["system"]),
+                _e(f["method"]),
+                _e("all" if f["keep"] < 0 else f"{f['keep']:g}"),
+                _e(f["mode"]),
+                _e(f["task"]),
+                _e(f["error"]),
+                _e(f["created_at"]),
+            ]
+            for f in peers
+        ]
+        out += _table(["peer", "method", "keep", "mode", "task", "why", "when"], rows, "peer-failures")
+    else:
+        out += "<p>None.</p>"
+    out += "<h3>Cells that failed</h3>"
+    if cells:
+        grouped: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+        for f in cells:
+            grouped[(f["method"], f["site"], f["error"])].append(f)
+        rows = [
+            [_e(m), _e(s), str(len(fs)), _e(err), _e(fs[0]["item_id"])]
+            for (m, s, err), fs in sorted(grouped.items())
+        ]
+        out += _table(["method", "site", "cells", "error", "first item"], rows, "cell-failures")
+        out += "<p>Failed cells are retried by the next sweep over the same store.</p>"
+    else:
+        out += "<p>None.</p>"
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1400px;padding:0 16px;
+color:#1f2937}
+h1{font-size:1.5em}h2{border-bottom:1px solid #e5e7eb;padding-bottom:4px;margin-top:2em}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #e5e7eb;padding:3px 8px;text-align:right;vertical-align:top}
+th{background:#f3f4f6}td:first-child,th:first-child{text-align:left}
+.n{color:#6b7280;font-size:11px}img{max-width:100%;border:1px solid #e5e7eb;margin:6px 0}
+dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weight:600}
+code{font-size:11px;word-break:break-all}.note{color:#4b5563;font-size:13px}
+table.runs td{text-align:left}
+"""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+
+
+def write_report(db: str | Path, out: str | Path) -> Path:
+    """Render the store at ``db`` into ``out/`` (PNG plots and ``index.html``); returns the page's path."""
+    with Store(db, create=False) as store:
+        rows = store.rows()
+        runs = store.runs()
+        failures = store.failures()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    secs = sections(rows)
+    colors = _colors(line_label(r) for r in rows)
+    parts: list[str] = []
+    toc: list[str] = []
+    for i, sec in enumerate(secs):
+        anchor = f"s{i}"
+        toc.append(f'<li><a href="#{anchor}">{_e(sec.model)} · {_e(sec.label)}</a></li>')
+        slug = _slug(f"{sec.model}_{sec.label}")
+        kp = plot_score_vs_keep(sec, out / f"score_vs_keep_{i:02d}_{slug}.png", colors)
+        pp = plot_pareto(sec, out / f"pareto_{i:02d}_{slug}.png", colors)
+        parts.append(f'<section id="{anchor}"><h2>{_e(sec.model)} · {_e(sec.label)}</h2>')
+        parts.append(_img(kp, f"score vs keep, {sec.label}"))
+        parts.append(_img(pp, f"Pareto, {sec.label}"))
+        for mode in sec.modes:
+            parts.append(f"<h3>{_e(mode)}: mean score</h3>")
+            parts.append(score_table(sec, mode))
+            best = best_table(sec, mode)
+            if best:
+                parts.append(f"<h3>{_e(mode)}: best at each keep</h3>{best}")
+            parts.append(f"<h3>{_e(mode)}: against the full context (same items)</h3>")
+            parts.append(ratio_table(sec, mode))
+        parts.append("</section>")
+    if not secs:
+        parts.append("<p>The store holds no results yet.</p>")
+    title = "flowsieve bench report"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p class=note>Scores are means over items (each task's own metric, in [0, 1]). Ratios divide a
+method's mean by the full-context mean over the same items: prefill time and KV bytes below 1× and
+decode speed above 1× are better. Token agreement: share of the full run's generated tokens
+reproduced before the first difference. {_e(PEER_NOTE)}</p>
+<ul>{"".join(toc)}</ul>
+{"".join(parts)}
+<section id="settings"><h2>Settings</h2>{settings_html(rows, runs)}</section>
+<section id="failures"><h2>Failures</h2>{failures_html(failures)}</section>
+</body></html>
+"""
+    index = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(index)
+    return index
+
+
+__all__ = ["line_label", "pareto_front", "sections", "task_label", "write_report"]

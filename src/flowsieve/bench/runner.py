@@ -1,0 +1,846 @@
+"""Bench sweeps: expand settings into cells, skip the cells already stored, run the rest, one row each.
+
+A sweep (:class:`SweepConfig`) crosses a model with methods × sites × keep ratios (or token budgets)
+× tasks (× lengths) × items × seeds × modes. Each crossing is a :class:`Cell`; :func:`run_sweep`
+runs every cell the :class:`~flowsieve.bench.store.Store` does not hold yet and writes its row as
+soon as it is done, so a killed sweep started again finishes the missing cells only.
+
+The uncompressed reference (method ``full``) is always part of a sweep: it runs once per (model,
+item, mode, max_new_tokens) and every compressed cell of that item is compared with it at report
+time (score, speed and memory ratios, agreement of the generated tokens).
+
+Compressed cells go through :func:`run_compressed` (the :class:`flowsieve.sieve.Sieve` facade);
+cells of the peers (kvpress, llmlingua) through ``flowsieve.bench.peers.run_peer``, which runs them
+in their own environments. Predictions are always scored here, with the task's ``score()``.
+With ``ray_address`` set, cells run as Ray tasks on actors that each load the model once; the
+driver writes every row to the same store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flowsieve.generate as _gen
+from flowsieve.bench.store import (
+    ANY,
+    FULL,
+    FULL_SITE,
+    IDENTITY,
+    MODES,
+    Store,
+    check_choice,
+    identity_of,
+    normalize_keep,
+)
+from flowsieve.bench.tasks import TASKS, Item, Task, get_task
+from flowsieve.errors import FlowsieveError, did_you_mean
+from flowsieve.generate import GenResult
+from flowsieve.registry import Registry
+
+log = logging.getLogger("flowsieve.bench")
+
+SITES = ("prompt", "prefill", "decode", "select", "layer", "encoder")
+"""Where a sieve applies (see DESIGN.md, "Apply")."""
+
+PEERS = ("kvpress", "llmlingua")
+PEER_SITES = {"kvpress": "prefill", "llmlingua": "prompt"}
+"""The site each peer compresses at (recorded in its rows)."""
+PEER_METHODS: dict[str, tuple[str, ...]] = {
+    "kvpress": (
+        "snapkv",
+        "streaming_llm",
+        "tova",
+        "knorm",
+        "observed_attention",
+        "expected_attention",
+        "keydiff",
+        "pyramidkv",
+        "adakv_expected_attention",
+    ),
+    "llmlingua": ("llmlingua", "longllmlingua"),
+}
+"""Each peer's methods run when ``--peers`` names the peer alone (the peers module may override)."""
+
+Loader = Callable[[str], tuple[Any, Any]]
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def _unique(values: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep runs. Sequences are deduplicated (order kept) and validated on construction.
+
+    Attributes:
+        model: bundled model name, local path or HF id (recorded in every row).
+        methods: sieve methods; ``full`` (the reference) is always run, listed or not.
+        sites: sites the sieve methods are applied at.
+        keeps: keep ratios in (0, 1].
+        budgets: token budgets (>= 1), an alternative to keep ratios (rows have keep 0).
+        tasks: task names (``flowsieve.bench.TASKS``).
+        lengths: context lengths in tokens, crossed with every task that has a ``length`` parameter.
+        task_params: further task parameters, given to every selected task that has them.
+        limit: items per task variant and seed.
+        seeds: item seeds.
+        modes: ``query_aware`` and/or ``query_agnostic``.
+        max_new_tokens: greedy tokens generated per cell.
+        peers: peer system -> its methods (empty: the peer's default methods).
+        threads: torch CPU threads per process.
+        chat: build prompts with the model's chat template.
+    """
+
+    model: str = "smollm2"
+    methods: Sequence[str] = (FULL,)
+    sites: Sequence[str] = ("prefill",)
+    keeps: Sequence[float] = (0.5, 0.25, 0.1)
+    budgets: Sequence[int] = ()
+    tasks: Sequence[str] = ("needle",)
+    lengths: Sequence[int] = ()
+    task_params: Mapping[str, Any] = field(default_factory=dict)
+    limit: int = 20
+    seeds: Sequence[int] = (0,)
+    modes: Sequence[str] = ("query_aware",)
+    max_new_tokens: int = 32
+    peers: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    threads: int = 2
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise FlowsieveError("the model name is empty")
+        for name in ("methods", "sites", "tasks", "modes"):
+            values = getattr(self, name)
+            if isinstance(values, str) or not all(isinstance(v, str) and v.strip() for v in values):
+                raise FlowsieveError(f"{name} must be a list of names, got {values!r}")
+            put(name, _unique(v.strip() for v in values))
+        put("methods", _unique((FULL, *self.methods)))
+        for name in ("keeps", "budgets", "lengths", "seeds"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise FlowsieveError(f"{name} must be a list of numbers, got {values!r}")
+            put(name, tuple(values))
+        for k in self.keeps:
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k <= 1.0:
+                raise FlowsieveError(f"keep must be in (0, 1], got {k!r}")
+        put("keeps", _unique(normalize_keep(k) for k in self.keeps))
+        for name, minimum in (("budgets", 1), ("lengths", 1), ("seeds", None)):
+            for v in getattr(self, name):
+                if not _is_int(v) or (minimum is not None and v < minimum):
+                    what = "an integer" if minimum is None else f"an integer >= {minimum}"
+                    raise FlowsieveError(f"each of {name} must be {what}, got {v!r}")
+            put(name, _unique(getattr(self, name)))
+        for name, minimum in (("limit", 1), ("max_new_tokens", 1), ("threads", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < minimum:
+                raise FlowsieveError(f"{name} must be an integer >= {minimum}, got {v!r}")
+        if not self.tasks:
+            raise FlowsieveError("no task given")
+        if not self.seeds:
+            raise FlowsieveError("no seed given")
+        if not self.modes:
+            raise FlowsieveError("no mode given")
+        for t in self.tasks:
+            TASKS.get(t)  # unknown -> did you mean
+        for m in self.modes:
+            check_choice("mode", m, MODES)
+        for s in self.sites:
+            check_choice("site", s, SITES)
+        compressed = len(self.methods) > 1 or bool(self.peers)
+        if compressed and not (self.keeps or self.budgets):
+            raise FlowsieveError("give keep ratios (--keep) or token budgets (--budget)")
+        if len(self.methods) > 1 and not self.sites:
+            raise FlowsieveError("give at least one site (--sites) for the sieve methods")
+        peers: dict[str, tuple[str, ...]] = {}
+        for system, methods in dict(self.peers).items():
+            check_choice("peer", system, PEERS)
+            if isinstance(methods, str):
+                raise FlowsieveError(f"the methods of peer {system} must be a list, got {methods!r}")
+            peers[system] = _unique(methods)
+        put("peers", peers)
+        fields = {t: {f.name for f in dataclasses.fields(TASKS.get(t))} for t in self.tasks}  # type: ignore[arg-type]
+        known = sorted(set().union(*fields.values()))
+        params = dict(self.task_params)
+        for p in params:
+            if p == "length":
+                raise FlowsieveError("give lengths with `lengths` (--length), not as a task parameter")
+            if p not in known:
+                raise FlowsieveError(
+                    f"no selected task has a parameter '{p}'{did_you_mean(p, known)}; "
+                    f"their parameters: {', '.join(known) or '(none)'}"
+                )
+        put("task_params", params)
+        if self.lengths and not any("length" in f for f in fields.values()):
+            raise FlowsieveError(f"none of the tasks {', '.join(self.tasks)} takes a length")
+
+    def task_variants(self) -> list[Task]:
+        """One task object per (task, length); tasks without a length parameter appear once."""
+        out: list[Task] = []
+        for name in self.tasks:
+            fields = {f.name for f in dataclasses.fields(TASKS.get(name))}  # type: ignore[arg-type]
+            params = {k: v for k, v in self.task_params.items() if k in fields}
+            if self.lengths and "length" in fields:
+                out += [get_task(name, **params, length=n) for n in self.lengths]
+            else:
+                if self.lengths:
+                    log.warning("task %s has no length parameter; it runs at its own length", name)
+                out.append(get_task(name, **params))
+        return out
+
+    def peer_methods(self, system: str) -> tuple[str, ...]:
+        """The methods run for a peer: those given, else the peer's defaults."""
+        given = tuple(self.peers.get(system, ()))
+        if given:
+            return given
+        peers = _peers_module()
+        defaults = getattr(peers, "PEER_METHODS", None) if peers is not None else None
+        if isinstance(defaults, Mapping) and defaults.get(system):
+            return tuple(defaults[system])
+        return PEER_METHODS[system]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON data (recorded with the run)."""
+        d = dataclasses.asdict(self)
+        d["peers"] = {s: list(self.peer_methods(s)) for s in self.peers}
+        return json.loads(json.dumps(d, default=list))
+
+
+# --- cells -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The identity of one result row (see :data:`flowsieve.bench.store.IDENTITY`)."""
+
+    model: str
+    system: str
+    method: str
+    site: str
+    keep: float
+    budget: int
+    task: str
+    item_id: str
+    mode: str
+    seed: int
+    max_new_tokens: int
+
+    def key(self) -> tuple[Any, ...]:
+        return identity_of(dataclasses.asdict(self))
+
+    @property
+    def is_full(self) -> bool:
+        return self.method == FULL and self.system == "flowsieve"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A cell with the task and item it needs."""
+
+    cell: Cell
+    task: Task
+    item: Item
+
+
+def plan(config: SweepConfig, tokenizer: Any) -> list[Job]:
+    """Every cell of the sweep, items outermost (a stopped sweep has whole items done).
+
+    Per item and mode: the full reference first, then methods × sites × (keeps, budgets), then peers.
+    """
+    jobs: list[Job] = []
+    for task in config.task_variants():
+        for seed in config.seeds:
+            for item in task.items(tokenizer, config.limit, seed):
+                ident = {"model": config.model, "task": task.name, "item_id": item.item_id}
+                ident |= {"seed": seed, "max_new_tokens": config.max_new_tokens}
+                cells = []
+                for mode in config.modes:
+                    cells.append(
+                        Cell(
+                            system="flowsieve",
+                            method=FULL,
+                            site=FULL_SITE,
+                            keep=1.0,
+                            budget=0,
+                            mode=mode,
+                            **ident,
+                        )
+                    )
+                    for method in config.methods:
+                        if method == FULL:
+                            continue
+                        for site in config.sites:
+                            for k in config.keeps:
+                                cells.append(
+                                    Cell(
+                                        system="flowsieve",
+                                        method=method,
+                                        site=site,
+                                        keep=k,
+                                        budget=0,
+                                        mode=mode,
+                                        **ident,
+                                    )
+                                )
+                            for b in config.budgets:
+                                cells.append(
+                                    Cell(
+                                        system="flowsieve",
+                                        method=method,
+                                        site=site,
+                                        keep=0.0,
+                                        budget=b,
+                                        mode=mode,
+                                        **ident,
+                                    )
+                                )
+                    for system in config.peers:
+                        site = PEER_SITES[system]
+                        for method in config.peer_methods(system):
+                            for k in config.keeps:
+                                cells.append(
+                                    Cell(
+                                        system=system,
+                                        method=method,
+                                        site=site,
+                                        keep=k,
+                                        budget=0,
+                                        mode=mode,
+                                        **ident,
+                                    )
+                                )
+                jobs += [Job(c, task, item) for c in cells]
+    return jobs
+
+
+# --- running one cell ------------------------------------------------------------------------------
+
+
+def _method_registry(module: Any) -> Registry[Any] | None:
+    for name in ("METHODS", "SIEVES", "SCORERS"):
+        reg = getattr(module, name, None)
+        if isinstance(reg, Registry):
+            return reg
+    regs = [v for v in vars(module).values() if isinstance(v, Registry)]
+    return regs[0] if len(regs) == 1 else None
+
+
+def _sieve_class() -> Any:
+    try:
+        module = importlib.import_module("flowsieve.sieve")
+    except ImportError as e:
+        raise FlowsieveError(f"flowsieve.sieve cannot be imported ({e})") from None
+    sieve = getattr(module, "Sieve", None)
+    if sieve is None:
+        raise FlowsieveError("flowsieve.sieve has no Sieve class")
+    return module, sieve
+
+
+def check_methods(config: SweepConfig) -> None:
+    """Fail early, with a clear message, for sieve methods that cannot run (never fall back to full)."""
+    others = [m for m in config.methods if m != FULL]
+    if not others:
+        return
+    try:
+        module, sieve = _sieve_class()
+    except FlowsieveError as e:
+        raise FlowsieveError(f"method '{others[0]}' is not available: {e}; only '{FULL}' runs") from None
+    registry = _method_registry(module)
+    for method in others:
+        if registry is not None and method not in registry:
+            known = [FULL, *registry]
+            raise FlowsieveError(
+                f"unknown method '{method}'{did_you_mean(method, known)}; known: {', '.join(known)}"
+            )
+        for site in config.sites:
+            keep = config.keeps[0] if config.keeps else None
+            budget = None if config.keeps else config.budgets[0]
+            try:
+                sieve(method, keep=keep, budget=budget, site=site)
+            except FlowsieveError as e:
+                raise FlowsieveError(f"method '{method}' at site '{site}': {e}") from None
+            except TypeError as e:
+                raise FlowsieveError(
+                    f"method '{method}' is not available: Sieve(...) rejected its settings: {e}"
+                ) from None
+
+
+def run_compressed(
+    model: Any,
+    tok: Any,
+    item: Item,
+    method: str,
+    site: str,
+    keep: float | None,
+    budget: int | None,
+    mode: str,
+    max_new_tokens: int,
+    *,
+    chat: bool = True,
+) -> GenResult:
+    """One compressed generation through the :class:`flowsieve.sieve.Sieve` facade.
+
+    ``keep`` is None for a budget cell and ``budget`` None for a keep cell. Raises
+    :class:`FlowsieveError` when the method cannot run; never falls back to the full context.
+    """
+    try:
+        _, sieve_cls = _sieve_class()
+    except FlowsieveError as e:
+        raise FlowsieveError(f"method '{method}' is not available: {e}") from None
+    sieve = sieve_cls(method, keep=keep, budget=budget, site=site)
+    try:
+        return _gen.generate(
+            model,
+            tok,
+            item.context,
+            item.question,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            sieve=sieve,
+            mode=mode,
+        )
+    except TypeError as e:
+        if "sieve" in str(e) or "mode" in str(e):
+            raise FlowsieveError(
+                f"method '{method}' is not available: generate() takes no sieve yet ({e})"
+            ) from None
+        raise
+
+
+def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
+    d = result.to_dict() if isinstance(result, GenResult) else dict(result)
+    keys = (
+        "prompt_tokens",
+        "kept_tokens",
+        "kv_bytes",
+        "kv_bytes_full",
+        "peak_rss_mb",
+        "prefill_s",
+        "decode_tok_s",
+        "new_tokens",
+    )
+    out = {k: d.get(k) for k in keys}
+    out["prediction"] = d.get("text", d.get("prediction")) or ""
+    extra = dict(d.get("extra") or {})
+    if d.get("token_ids") is not None:
+        extra["token_ids"] = [int(t) for t in d["token_ids"]]
+    out["extra"] = extra
+    if isinstance(d.get("versions"), Mapping):
+        out["versions"] = dict(d["versions"])
+    return out
+
+
+def score_row(job: Job, result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
+    """The result row of ``job``: its identity, measures and the task's score of the prediction."""
+    row = dataclasses.asdict(job.cell)
+    row |= _result_fields(result)
+    score = float(job.task.score(job.item, row["prediction"]))
+    if not 0.0 <= score <= 1.0:
+        raise FlowsieveError(f"task {job.task.name} scored {score}, outside [0, 1]")
+    row["score"] = score
+    row["task_params"] = job.task.params()
+    meta = job.item.meta
+    row["extra"] = {
+        **{k: meta[k] for k in ("length_tokens", "depth") if k in meta},
+        **row["extra"],
+    }
+    return row
+
+
+def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, Any]:
+    """Run one flowsieve cell (full or compressed) and return its scored row."""
+    c = job.cell
+    if c.is_full:
+        result = _gen.generate(
+            model, tok, job.item.context, job.item.question, chat=chat, max_new_tokens=c.max_new_tokens
+        )
+    else:
+        result = run_compressed(
+            model,
+            tok,
+            job.item,
+            c.method,
+            c.site,
+            c.keep if c.budget == 0 else None,
+            c.budget or None,
+            c.mode,
+            c.max_new_tokens,
+            chat=chat,
+        )
+    return score_row(job, result)
+
+
+# --- provenance ------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers."""
+    import torch
+    import transformers
+
+    import flowsieve
+
+    return {
+        "flowsieve": flowsieve.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_hash() -> str:
+    """The commit of the flowsieve checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "") if head else "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """The machine a sweep ran on."""
+    import psutil
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "hostname": platform.node(),
+    }
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did."""
+
+    run_id: int
+    planned: int
+    already: int
+    """Cells found in the store and skipped."""
+    written: int
+    failed: int
+    """Cells that raised (recorded in the store's failures, retried by the next sweep)."""
+    peer_errors: dict[str, str] = field(default_factory=dict)
+    """Peer system -> why some or all of its cells did not run."""
+    seconds: float = 0.0
+
+    @property
+    def missing(self) -> int:
+        return self.planned - self.already - self.written
+
+
+def _peers_module() -> Any | None:
+    try:
+        return importlib.import_module("flowsieve.bench.peers")
+    except ModuleNotFoundError as e:
+        if e.name in ("flowsieve.bench.peers", "flowsieve.bench"):
+            return None
+        raise
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+class _Writer:
+    """Adds provenance to rows, writes them, records failures, counts."""
+
+    def __init__(
+        self, store: Store, run_id: int, vers: dict[str, str], ghash: str, pbar: Any, fail_fast: bool
+    ):
+        self.store, self.run_id, self.versions, self.git_hash = store, run_id, vers, ghash
+        self.pbar, self.fail_fast = pbar, fail_fast
+        self.written = self.failed = 0
+
+    def row(self, row: dict[str, Any]) -> None:
+        row = {**row, "run_id": self.run_id, "git_hash": self.git_hash}
+        row["versions"] = row.get("versions") or self.versions
+        if self.store.add(row):
+            self.written += 1
+        self.pbar.update(1)
+
+    def failure(self, cell: Cell | Mapping[str, Any], error: str, count: int = 1) -> None:
+        ident = dataclasses.asdict(cell) if isinstance(cell, Cell) else dict(cell)
+        self.store.add_failure(ident, error, self.run_id)
+        self.failed += count
+        self.pbar.update(count)
+        name = ident.get("method", ANY)
+        self.pbar.write(
+            f"flowsieve bench: {ident.get('system', ANY)}:{name} {ident.get('item_id', ANY)}: {error}"
+        )
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def run_sweep(
+    config: SweepConfig,
+    store: Store,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    loader: Loader | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    fail_fast: bool = False,
+) -> SweepSummary:
+    """Run every cell of ``config`` that ``store`` lacks; each row is committed as soon as it exists.
+
+    Args:
+        config: the sweep.
+        store: where rows go (and which cells are done already).
+        model, tokenizer: an already loaded model (else ``loader(config.model)`` loads it).
+        loader: ``name -> (model, tokenizer)``; :func:`flowsieve.models.load` by default. With Ray
+            it runs in every worker, so it must be picklable.
+        progress: show a progress bar with an ETA.
+        ray_address: run the flowsieve cells as Ray tasks: ``"local"`` starts a local Ray, anything
+            else is passed to ``ray.init(address=...)`` (``"auto"``, ``"ray://host:10001"``).
+        ray_workers: Ray actors (each loads the model); default: cluster CPUs // threads.
+        fail_fast: stop at the first cell that raises (it is still recorded as a failure).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    check_methods(config)
+    if loader is None:
+        from flowsieve.models import load as loader  # type: ignore[assignment]
+    if tokenizer is None:
+        model, tokenizer = loader(config.model)  # type: ignore[misc]
+    _set_threads(config.threads)
+    jobs = plan(config, tokenizer)
+    done = store.keys()
+    todo = [j for j in jobs if j.cell.key() not in done]
+    summary = SweepSummary(0, len(jobs), len(jobs) - len(todo), 0, 0)
+    vers = versions()
+    ghash = git_hash()
+    summary.run_id = store.start_run(config.to_dict(), machine(), vers, ghash)
+    local = [j for j in todo if j.cell.system == "flowsieve"]
+    peer = [j for j in todo if j.cell.system != "flowsieve"]
+    pbar = tqdm(total=len(todo), desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
+    writer = _Writer(store, summary.run_id, vers, ghash, pbar, fail_fast)
+    try:
+        if local and ray_address is not None:
+            del model
+            _run_ray(local, config, writer, ray_address, ray_workers, loader)
+        elif local:
+            if model is None:
+                model, tokenizer = loader(config.model)  # type: ignore[misc]
+            for job in local:
+                c = job.cell
+                pbar.set_postfix_str(f"{c.method} {c.site} {c.keep or c.budget} {c.mode}", refresh=False)
+                try:
+                    row = execute(job, model, tokenizer, chat=config.chat)
+                except Exception as e:
+                    writer.failure(c, _describe(e))
+                    if fail_fast:
+                        raise
+                    continue
+                writer.row(row)
+        if peer:
+            summary.peer_errors = _run_peers(peer, config, writer)
+    finally:
+        pbar.close()
+        summary.written, summary.failed = writer.written, writer.failed
+        store.finish_run(summary.run_id, planned=len(jobs), written=writer.written, failed=writer.failed)
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[str, str]:
+    """Run peer cells in batches (system, method, keep, mode, task variant, seed) through ``run_peer``."""
+    errors: dict[str, str] = {}
+    try:
+        peers = _peers_module()
+    except Exception as e:
+        peers, why = (
+            None,
+            f"peer runner not available: flowsieve.bench.peers failed to import ({_describe(e)})",
+        )
+    else:
+        why = "peer runner not available: flowsieve.bench.peers is not installed"
+    run_peer = getattr(peers, "run_peer", None)
+    if run_peer is None:
+        for system in _unique(j.cell.system for j in jobs):
+            n = sum(j.cell.system == system for j in jobs)
+            writer.failure({"model": config.model, "system": system}, why, count=n)
+            errors[system] = why
+        return errors
+    batches: dict[tuple[Any, ...], list[Job]] = {}
+    for j in jobs:
+        c = j.cell
+        key = (
+            c.system,
+            c.method,
+            c.keep,
+            c.mode,
+            c.task,
+            json.dumps(j.task.params(), sort_keys=True),
+            c.seed,
+        )
+        batches.setdefault(key, []).append(j)
+    for (system, method, keep, mode, task, params, _seed), batch in batches.items():
+        writer.pbar.set_postfix_str(f"{system}:{method} {keep} {mode}", refresh=False)
+        group = {"model": config.model, "system": system, "method": method, "keep": keep, "mode": mode}
+        group |= {"site": PEER_SITES[system], "task": task, "item_id": f"{ANY}{params}"}
+        try:
+            rows = run_peer(
+                system, [j.item for j in batch], method, keep, config.model, mode, config.max_new_tokens
+            )
+        except Exception as e:
+            why = f"{system}:{method} at keep {keep} ({mode}) failed: {_describe(e)}"
+            writer.failure(group, why, count=len(batch))
+            errors[system] = why
+            if writer.fail_fast:
+                raise
+            continue
+        writer.store.clear_failures(model=config.model, system=system, method=ANY)
+        writer.store.clear_failures(**group)
+        by_id = {}
+        for r in rows or []:
+            if isinstance(r, Mapping) and "item_id" in r:
+                by_id[str(r["item_id"])] = r
+        for j in batch:
+            r = by_id.get(j.item.item_id)
+            if r is None:
+                writer.failure(j.cell, f"the {system} runner returned no row for this item")
+                errors[system] = f"{system}:{method} returned no row for some items"
+                continue
+            try:
+                writer.row(score_row(j, r))
+            except Exception as e:
+                writer.failure(j.cell, f"bad row from the {system} runner: {_describe(e)}")
+                errors[system] = f"{system}:{method} returned bad rows ({_describe(e)})"
+    return errors
+
+
+class _RayWorker:
+    """A Ray actor: loads the model once, then runs cells."""
+
+    def __init__(self, model_name: str, threads: int, chat: bool, loader: Loader | None) -> None:
+        _set_threads(threads)
+        if loader is None:
+            from flowsieve.models import load as loader  # type: ignore[assignment]
+        self.model, self.tok = loader(model_name)  # type: ignore[misc]
+        self.chat = chat
+
+    def run(self, job: Job) -> tuple[Cell, dict[str, Any] | None, str | None]:
+        try:
+            return job.cell, execute(job, self.model, self.tok, chat=self.chat), None
+        except Exception as e:
+            return job.cell, None, _describe(e)
+
+
+def _run_ray(
+    jobs: list[Job],
+    config: SweepConfig,
+    writer: _Writer,
+    address: str,
+    workers: int | None,
+    loader: Loader | None,
+) -> None:
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise FlowsieveError("--ray needs Ray: pip install 'flowsieve[ray]' (or: pip install ray)") from None
+    started = False
+    if not ray.is_initialized():
+        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        try:
+            if address == "local":
+                ray.init(**kw)
+            else:
+                ray.init(address=address, **kw)
+        except Exception as e:
+            raise FlowsieveError(f"cannot start or reach Ray at {address}: {_describe(e)}") from None
+        started = True
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n = workers or max(1, cpus // config.threads)
+        n = max(1, min(n, len(jobs)))
+        actor = ray.remote(num_cpus=min(config.threads, cpus))(_RayWorker)
+        actors = [actor.remote(config.model, config.threads, config.chat, loader) for _ in range(n)]
+        pool = ActorPool(actors)
+        for job in jobs:
+            pool.submit(lambda a, j: a.run.remote(j), job)
+        while pool.has_next():
+            try:
+                cell, row, error = pool.get_next_unordered()
+            except Exception as e:  # a worker died (e.g. the model failed to load)
+                raise FlowsieveError(f"a Ray worker failed: {_describe(e)}") from None
+            if row is not None:
+                writer.row(row)
+            else:
+                writer.failure(cell, error or "unknown error")
+                if writer.fail_fast:
+                    raise FlowsieveError(f"cell failed: {error}")
+        for a in actors:
+            ray.kill(a)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+__all__ = [
+    "IDENTITY",
+    "PEERS",
+    "PEER_METHODS",
+    "PEER_SITES",
+    "SITES",
+    "Cell",
+    "Job",
+    "SweepConfig",
+    "SweepSummary",
+    "check_methods",
+    "execute",
+    "plan",
+    "run_compressed",
+    "run_sweep",
+    "score_row",
+]
