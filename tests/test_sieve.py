@@ -158,3 +158,34 @@ def test_every_method_is_listed_with_a_paper():
     rows = list_methods()
     assert {r["name"] for r in rows} == set(METHODS)
     assert all(r["paper"] and r["sites"] for r in rows)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "flowcut", "recent"])
+def test_chunked_prefill_bounds_the_cache(tiny_causal, method):
+    """Chunked prefill never holds more than budget + chunk entries, ends at the budget, keeps the question."""
+    _, model = tiny_causal
+    T, c0, c1 = 96, 2, 88
+    p = _prompt(T, c0, c1)
+    sieve = Sieve(method, keep=0.25, window=8, chunk=16)
+    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    k = round(0.25 * T)
+    assert extra["peak_entries"] <= k + 16
+    for li in cache.sieve_layers:
+        pos = cache.layer(li).positions
+        assert pos.shape[-1] == k
+        kept = set(pos.reshape(-1, k)[0].tolist())
+        assert set(range(c1, T)) <= kept and set(range(c0)) <= kept
+
+
+def test_chunked_keep_all_is_identity(tiny_causal):
+    """keep = 1.0 with chunked prefill: the same logits as one full forward (chunking only changes
+    float summation order, so logits are compared, not near-tied greedy tokens)."""
+    _, model = tiny_causal
+    p = _prompt(50, 3, 40)
+    cache, logits, _ = prefill_with_sieve(
+        model, p, Sieve("snapkv", keep=1.0, window=8, chunk=16), "query_aware"
+    )
+    more = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(2))
+    got = torch.cat([logits[:, -1:], model(more, cache=cache).logits], dim=1)
+    ref = model(torch.cat([torch.tensor([p.ids]), more], dim=1)).logits[:, 49:]
+    assert (got - ref).abs().max().item() <= 1e-5

@@ -70,6 +70,8 @@ class ObserveSpec:
             the last chunk) for
             ``received`` and the per-row head statistics (an estimate; the output then comes from
             stock SDPA and costs little more than a plain pass); visibility is still counted exactly.
+        slots: index per-key values by the key's slot in the cache (what an evicting cache needs)
+            instead of by absolute token index (what a trace shows).
         workers: threads that scan query chunks in parallel, each with one torch thread (bounded by
             ``torch.get_num_threads()``). 2 on 2 cores is ~15% faster per layer than one scan with
             two intra-op threads, but each worker holds its own chunk buffers (more peak memory).
@@ -87,6 +89,7 @@ class ObserveSpec:
     entropy_stride: int = 8
     row_stride: int = 1
     workers: int = 1
+    slots: bool = False
 
     def __post_init__(self) -> None:
         if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1 or self.row_stride < 1:
@@ -283,13 +286,15 @@ def _attention(
     total = seen + q
     koff = total - L
     rows = [p for p in obs.row_positions(total) if seen <= p < total]
+    # where per-key values are placed: absolute token index, or the key's slot in this call's cache
+    pk, pt = (0, L) if spec.slots else (koff, total)
 
     if spec.norms or rows:
         # FlowCut weights a token by the L1 norm of its head-mean value vector
-        rec.value_l1 = _absolute(value.float().mean(1).abs().sum(-1), koff, total)
+        rec.value_l1 = _absolute(value.float().mean(1).abs().sum(-1), pk, pt)
     if spec.norms:
-        rec.key_norm = _absolute(key.float().norm(dim=-1), koff, total)
-        rec.value_norm = _absolute(value.float().norm(dim=-1), koff, total)
+        rec.key_norm = _absolute(key.float().norm(dim=-1), pk, pt)
+        rec.value_norm = _absolute(value.float().norm(dim=-1), pk, pt)
 
     out: torch.Tensor | None = None
     chunk = spec.chunk or max(16, min(1024, (1 << 21) // max(1, H * L)))
@@ -307,10 +312,10 @@ def _attention(
                     B, H, b - a, -1
                 )
                 out[:, a:b] = o.transpose(1, 2)
-                _accumulate(acc, spec, probs, vis, koff, total)
+                _accumulate(acc, spec, probs, vis, pk, pt)
                 for p in rows:
                     if seen + a <= p < seen + b:
-                        acc.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
+                        acc.rows[p] = _absolute(probs[:, :, p - seen - a], pk, pt)
 
         workers = min(torch.get_num_threads(), len(starts), spec.workers)
         if workers > 1:
@@ -327,10 +332,10 @@ def _attention(
                 b = min(a + chunk, q)
                 if ci % spec.row_stride == 0 or b == q:  # the last chunk always: recent keys
                     probs, _, vis = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
-                    _accumulate(rec, spec, probs, vis, koff, total)
+                    _accumulate(rec, spec, probs, vis, pk, pt)
                 if spec.received:
                     cols_all = _visibility(attention_mask, causal, q, L, a, b, query.device)[1]
-                    rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), koff, total)
+                    rec.visible_all = _add_growing(rec.visible_all, cols_all.expand(B, -1), pk, pt)
         if rows:
             # one pass over the span of requested rows when it is short (an observation window),
             # row by row otherwise
@@ -340,7 +345,7 @@ def _attention(
                 probs, _, _ = _chunk_probs(query, key, attention_mask, causal, scaling, a, b)
                 for p in rows:
                     if a <= p - seen < b:
-                        rec.rows[p] = _absolute(probs[:, :, p - seen - a], koff, total)
+                        rec.rows[p] = _absolute(probs[:, :, p - seen - a], pk, pt)
     if spec.head_stats:
         # per-head output norm over every row: (B,q,H,d) -> (B,H)
         rec.out_norm = _add_growing(rec.out_norm, out.float().norm(dim=-1).sum(1))
@@ -353,7 +358,7 @@ def _attention(
         vf = value[:, :, : p - koff + 1].float() if causal else value.float()
         vp = value[:, :, p - koff : p - koff + 1].float()  # (B,Hk,1,d)
         vv = (vp @ vf.transpose(-1, -2)) / math.sqrt(value.shape[-1])
-        rec.vv_rows[p] = _absolute(torch.softmax(vv[:, :, 0], dim=-1), koff, total)
+        rec.vv_rows[p] = _absolute(torch.softmax(vv[:, :, 0], dim=-1), pk, pt)
     if obs.on_layer is not None:
         obs.on_layer(idx)
     return out, None

@@ -33,6 +33,10 @@ class Sieve:
         site: where the method is applied.
         window: observation window (last prompt tokens whose attention scores the rest); they are
             always kept.
+        chunk: prefill in chunks of this many tokens and compress after each chunk, so that the
+            cache never holds more than budget + chunk entries (None = one pass). Each compression
+            scores from the observations of its own chunk (a method summing attention over all
+            queries, like h2o, then sums over the chunk's queries).
         seed: for methods that draw random numbers.
         options: keyword arguments of the method (e.g. ``{"kernel": 7}`` for snapkv).
     """
@@ -42,6 +46,7 @@ class Sieve:
     budget: int | None = None
     site: str = "prefill"
     window: int = 32
+    chunk: int | None = None
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +68,8 @@ class Sieve:
             )
         if self.window < 1:
             raise FlowsieveError(f"window must be >= 1, got {self.window}")
+        if self.chunk is not None and self.chunk < self.window:
+            raise FlowsieveError(f"chunk ({self.chunk}) must be at least the window ({self.window})")
         try:
             self.scorer: KVScorer = cls(**self.options)
         except TypeError as e:
@@ -78,26 +85,36 @@ class Sieve:
         return max(1, round(self.keep * n_tokens))
 
     def observe_spec(self, window: tuple[int, ...]) -> ObserveSpec:
-        return self.scorer.spec(window)
+        spec = self.scorer.spec(window)
+        spec.slots = True  # the cache may already be compressed: index keys by slot
+        return spec
 
-    def compress(self, obs: Observer, cache: Any, protect: torch.Tensor, window: tuple[int, ...]) -> int:
+    def compress(
+        self, obs: Observer, cache: Any, protect: torch.Tensor, window: tuple[int, ...], k: int | None = None
+    ) -> int:
         """Score every sieve layer of ``cache`` from ``obs`` and keep the best entries.
 
         Args:
-            obs: the observer of the prefill pass.
-            cache: a :class:`flowsieve.kvcache.SieveCache` holding the prompt.
-            protect: bool (T,), entries that are always kept.
+            obs: the observer of the pass that just ran (per-key values in cache-slot coordinates).
+            cache: a :class:`flowsieve.kvcache.SieveCache`.
+            protect: bool (N,) over absolute token positions: entries that are always kept.
             window: absolute positions of the observation queries.
+            k: entries to keep per layer (default: ``target`` of the absolute length).
 
         Returns:
             the mean number of entries kept per sieve layer.
         """
         layers = cache.sieve_layers
-        T = int(cache.layer(layers[0]).stored_length) if layers else 0
-        if protect.shape[0] != T:
-            raise FlowsieveError(f"protect mask has {protect.shape[0]} entries, the cache holds {T}")
-        k = self.target(T)
-        n_protected = int(protect.sum())
+        if not layers:
+            return 0
+        T = int(cache.layer(layers[0]).stored_length)
+        if any(int(cache.layer(i).stored_length) != T for i in layers):
+            raise FlowsieveError(
+                "the compressed layers hold different numbers of entries; cannot compress again"
+            )
+        k = self.target(protect.shape[0]) if k is None else k
+        prot = {i: protect[cache.layer(i).positions] for i in layers}  # (1|B, 1|Hk, T) per layer
+        n_protected = max(int(p.sum(-1).max()) for p in prot.values())
         if k < n_protected:
             raise FlowsieveError(
                 f"the budget ({k} entries) is smaller than the tokens that must be kept "
@@ -110,19 +127,21 @@ class Sieve:
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
         n_layers = len(obs.attn_modules)
+        # only the compressed layers are scored (and accumulated across, in order): sliding-window
+        # layers hold a different set of keys
         raw = []
-        for i in range(n_layers):
+        for i in layers:
             ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed)
             raw.append(self.scorer.score(obs.layer(i), ctx).float())
-        scores = self.scorer.accumulate(raw)
+        scores = dict(zip(layers, self.scorer.accumulate(raw)))
         plan = self.scorer.budgets(k, n_protected, T, layers)
         for i in layers:
             ki = plan[i]
             if not n_protected <= ki <= T:
                 raise FlowsieveError(f"layer {i}: budget {ki} outside [{n_protected}, {T}]")
             if ki < T:
-                cache.keep(i, select_topk(scores[i], protect, ki))
-        return round(sum(plan.values()) / max(len(plan), 1))
+                cache.keep(i, select_topk(scores[i], prot[i], ki))
+        return round(sum(plan.values()) / len(plan))
 
 
 def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,22 +149,24 @@ def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Te
 
     Args:
         scores: (B, T) shared by heads or (B, Hk, T) per KV head; B must be 1.
-        protect: bool (T,).
-        k: entries to keep (>= protect.sum()).
+        protect: bool (T,), or (1, Hk|1, T) per KV head.
+        k: entries to keep (>= protected entries).
 
     Returns:
-        (k,) for shared scores, (1, Hk, k) per head.
+        (k,) when both are shared by all heads, else (1, Hk, k).
     """
     if scores.shape[0] != 1:
         raise FlowsieveError(
             "sieves run one sequence at a time (batch size 1); padded batches are not supported"
         )
-    s = scores[0].clone()
-    s = torch.nan_to_num(s, nan=float("-inf"))
-    big = torch.finfo(s.dtype).max
-    s[..., protect] = big
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    if s.dim() == 2:
+        s = s[:, None]  # (1, 1, T)
+    if protect.dim() == 1:
+        protect = protect[None, None]
+    s = torch.where(protect, torch.finfo(s.dtype).max, s)  # (1, Hk|1, T)
     idx = s.topk(k, dim=-1).indices.sort(dim=-1).values
-    return idx if idx.dim() == 1 else idx[None]
+    return idx[0, 0] if idx.shape[1] == 1 else idx
 
 
 def list_methods() -> list[dict[str, Any]]:

@@ -19,12 +19,15 @@ driver writes every row to the same store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import json
 import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +182,13 @@ class SweepConfig:
                 raise FlowsieveError(f"the methods of peer {system} must be a list, got {methods!r}")
             peers[system] = _unique(methods)
         put("peers", peers)
+        for system, methods in peers.items():
+            known = _default_peer_methods(system)
+            for m in methods:
+                if m not in known:
+                    raise FlowsieveError(
+                        f"{system} has no method '{m}'{did_you_mean(m, known)}; methods: {', '.join(known)}"
+                    )
         fields = {t: {f.name for f in dataclasses.fields(TASKS.get(t))} for t in self.tasks}  # type: ignore[arg-type]
         known = sorted(set().union(*fields.values()))
         params = dict(self.task_params)
@@ -210,14 +220,7 @@ class SweepConfig:
 
     def peer_methods(self, system: str) -> tuple[str, ...]:
         """The methods run for a peer: those given, else the peer's defaults."""
-        given = tuple(self.peers.get(system, ()))
-        if given:
-            return given
-        peers = _peers_module()
-        defaults = getattr(peers, "PEER_METHODS", None) if peers is not None else None
-        if isinstance(defaults, Mapping) and defaults.get(system):
-            return tuple(defaults[system])
-        return PEER_METHODS[system]
+        return tuple(self.peers.get(system, ())) or _default_peer_methods(system)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON data (recorded with the run)."""
@@ -268,6 +271,9 @@ def plan(config: SweepConfig, tokenizer: Any) -> list[Job]:
     Per item and mode: the full reference first, then methods × sites × (keeps, budgets), then peers.
     """
     jobs: list[Job] = []
+    settings = [(k, 0) for k in config.keeps] + [(0.0, b) for b in config.budgets]
+    methods = [m for m in config.methods if m != FULL]
+    peers = [(p, m) for p in config.peers for m in config.peer_methods(p)]
     for task in config.task_variants():
         for seed in config.seeds:
             for item in task.items(tokenizer, config.limit, seed):
@@ -275,60 +281,19 @@ def plan(config: SweepConfig, tokenizer: Any) -> list[Job]:
                 ident |= {"seed": seed, "max_new_tokens": config.max_new_tokens}
                 cells = []
                 for mode in config.modes:
-                    cells.append(
-                        Cell(
-                            system="flowsieve",
-                            method=FULL,
-                            site=FULL_SITE,
-                            keep=1.0,
-                            budget=0,
-                            mode=mode,
-                            **ident,
-                        )
-                    )
-                    for method in config.methods:
-                        if method == FULL:
-                            continue
-                        for site in config.sites:
-                            for k in config.keeps:
-                                cells.append(
-                                    Cell(
-                                        system="flowsieve",
-                                        method=method,
-                                        site=site,
-                                        keep=k,
-                                        budget=0,
-                                        mode=mode,
-                                        **ident,
-                                    )
-                                )
-                            for b in config.budgets:
-                                cells.append(
-                                    Cell(
-                                        system="flowsieve",
-                                        method=method,
-                                        site=site,
-                                        keep=0.0,
-                                        budget=b,
-                                        mode=mode,
-                                        **ident,
-                                    )
-                                )
-                    for system in config.peers:
-                        site = PEER_SITES[system]
-                        for method in config.peer_methods(system):
-                            for k in config.keeps:
-                                cells.append(
-                                    Cell(
-                                        system=system,
-                                        method=method,
-                                        site=site,
-                                        keep=k,
-                                        budget=0,
-                                        mode=mode,
-                                        **ident,
-                                    )
-                                )
+                    new = functools.partial(Cell, mode=mode, **ident)
+                    cells.append(new(system="flowsieve", method=FULL, site=FULL_SITE, keep=1.0, budget=0))
+                    cells += [
+                        new(system="flowsieve", method=m, site=s, keep=k, budget=b)
+                        for m in methods
+                        for s in config.sites
+                        for k, b in settings
+                    ]
+                    cells += [
+                        new(system=p, method=m, site=PEER_SITES[p], keep=k, budget=0)
+                        for p, m in peers
+                        for k in config.keeps
+                    ]
                 jobs += [Job(c, task, item) for c in cells]
     return jobs
 
@@ -345,7 +310,7 @@ def _method_registry(module: Any) -> Registry[Any] | None:
     return regs[0] if len(regs) == 1 else None
 
 
-def _sieve_class() -> Any:
+def _sieve_class() -> tuple[Any, Any]:
     try:
         module = importlib.import_module("flowsieve.sieve")
     except ImportError as e:
@@ -407,24 +372,21 @@ def run_compressed(
         _, sieve_cls = _sieve_class()
     except FlowsieveError as e:
         raise FlowsieveError(f"method '{method}' is not available: {e}") from None
+    params = inspect.signature(_gen.generate).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_any and not {"sieve", "mode"} <= set(params):
+        raise FlowsieveError(f"method '{method}' is not available: generate() takes no sieve and mode")
     sieve = sieve_cls(method, keep=keep, budget=budget, site=site)
-    try:
-        return _gen.generate(
-            model,
-            tok,
-            item.context,
-            item.question,
-            chat=chat,
-            max_new_tokens=max_new_tokens,
-            sieve=sieve,
-            mode=mode,
-        )
-    except TypeError as e:
-        if "sieve" in str(e) or "mode" in str(e):
-            raise FlowsieveError(
-                f"method '{method}' is not available: generate() takes no sieve yet ({e})"
-            ) from None
-        raise
+    return _gen.generate(
+        model,
+        tok,
+        item.context,
+        item.question,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        sieve=sieve,
+        mode=mode,
+    )
 
 
 def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
@@ -445,8 +407,9 @@ def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
     if d.get("token_ids") is not None:
         extra["token_ids"] = [int(t) for t in d["token_ids"]]
     out["extra"] = extra
-    if isinstance(d.get("versions"), Mapping):
-        out["versions"] = dict(d["versions"])
+    versions = d.get("versions") or extra.get("versions")  # a peer reports its environment's
+    if isinstance(versions, Mapping):
+        out["versions"] = dict(versions)
     return out
 
 
@@ -469,7 +432,10 @@ def score_row(job: Job, result: GenResult | Mapping[str, Any]) -> dict[str, Any]
 
 def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, Any]:
     """Run one flowsieve cell (full or compressed) and return its scored row."""
+    import torch
+
     c = job.cell
+    torch.manual_seed(c.seed)  # methods that draw at random (the `random` baseline) repeat
     if c.is_full:
         result = _gen.generate(
             model, tok, job.item.context, job.item.question, chat=chat, max_new_tokens=c.max_new_tokens
@@ -495,17 +461,17 @@ def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, A
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the numbers."""
-    import torch
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     import flowsieve
 
-    return {
-        "flowsieve": flowsieve.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    out = {"flowsieve": flowsieve.__version__, "python": platform.python_version()}
+    for name in ("torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def git_hash() -> str:
@@ -570,6 +536,18 @@ class SweepSummary:
         return self.planned - self.already - self.written
 
 
+def _default_peer_methods(system: str) -> tuple[str, ...]:
+    """The peer's methods as its runner module lists them (else :data:`PEER_METHODS`)."""
+    try:
+        peers = _peers_module()
+    except Exception:  # a broken peers module is reported when its cells run
+        peers = None
+    listed = getattr(peers, "PEER_METHODS", None) if peers is not None else None
+    if isinstance(listed, Mapping) and listed.get(system):
+        return tuple(listed[system])
+    return PEER_METHODS[system]
+
+
 def _peers_module() -> Any | None:
     try:
         return importlib.import_module("flowsieve.bench.peers")
@@ -597,7 +575,8 @@ class _Writer:
 
     def row(self, row: dict[str, Any]) -> None:
         row = {**row, "run_id": self.run_id, "git_hash": self.git_hash}
-        row["versions"] = row.get("versions") or self.versions
+        own = {"flowsieve": self.versions["flowsieve"]}
+        row["versions"] = {**own, **row["versions"]} if row.get("versions") else self.versions
         if self.store.add(row):
             self.written += 1
         self.pbar.update(1)
@@ -608,9 +587,8 @@ class _Writer:
         self.failed += count
         self.pbar.update(count)
         name = ident.get("method", ANY)
-        self.pbar.write(
-            f"flowsieve bench: {ident.get('system', ANY)}:{name} {ident.get('item_id', ANY)}: {error}"
-        )
+        where = f"{ident.get('system', ANY)}:{name} {ident.get('item_id', ANY)}"
+        self.pbar.write(f"flowsieve bench: {where}: {error}", file=sys.stderr)
 
 
 def _describe(e: BaseException) -> str:
@@ -711,6 +689,11 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
             writer.failure({"model": config.model, "system": system}, why, count=n)
             errors[system] = why
         return errors
+    try:
+        takes_threads = "threads" in inspect.signature(run_peer).parameters
+    except (TypeError, ValueError):
+        takes_threads = False
+    threads_kw = {"threads": config.threads} if takes_threads else {}
     batches: dict[tuple[Any, ...], list[Job]] = {}
     for j in jobs:
         c = j.cell
@@ -729,9 +712,8 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
         group = {"model": config.model, "system": system, "method": method, "keep": keep, "mode": mode}
         group |= {"site": PEER_SITES[system], "task": task, "item_id": f"{ANY}{params}"}
         try:
-            rows = run_peer(
-                system, [j.item for j in batch], method, keep, config.model, mode, config.max_new_tokens
-            )
+            args = (system, [j.item for j in batch], method, keep, config.model, mode, config.max_new_tokens)
+            rows = run_peer(*args, **threads_kw)
         except Exception as e:
             why = f"{system}:{method} at keep {keep} ({mode}) failed: {_describe(e)}"
             writer.failure(group, why, count=len(batch))

@@ -182,17 +182,31 @@ def token_runs(text: str, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def word_units(text: str, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+def word_units(
+    text: str, spans: Sequence[tuple[int, int]], separate: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n,) long: a unit index per token such that each unit is one whole word.
 
     A word is a maximal run of non-space characters; a token belongs to the word its first
-    non-space character is in (:func:`token_runs`). Tokens of only whitespace are units of their
-    own. Unit indices increase with token order.
+    non-space character is in (:func:`token_runs`). A token of only whitespace belongs to the word
+    after it (it is that word's leading space, so a dropped word takes it along and the words left
+    never run together), unless ``separate`` (n,) marks it (forced line breaks) or no word follows:
+    then it is a unit of its own. Unit indices increase with token order.
     """
     runs = token_runs(text, spans).tolist()
+    sep = [False] * len(runs) if separate is None else separate.tolist()
+    eff = list(runs)
+    nxt = -1
+    for i in range(len(runs) - 1, -1, -1):
+        if runs[i] >= 0:
+            nxt = runs[i]
+        elif sep[i]:
+            nxt = -1
+        else:
+            eff[i] = nxt
     units: list[int] = []
     last, u = -1, -1
-    for r in runs:
+    for r in eff:
         if r < 0 or r != last:
             u += 1
         units.append(u)
@@ -293,7 +307,7 @@ def build_doc(
             lo = _token_of_char(spans[:n], m.start())
             hi = _token_of_char(spans[:n], max(m.end() - 1, m.start()))
             forced[lo : hi + 1] = True
-    words = word_units(full, spans[:n])
+    words = word_units(full, spans[:n], separate=forced)
     paragraphs = group_tokens(spans[:n], paragraph_spans(context))
     budget = round(keep * len(ids)) - (len(ids) - n)
     return PromptDoc(

@@ -112,7 +112,10 @@ def add_commands(subparsers: Any) -> None:
     )
     c.add_argument("--scorer", default="selfinfo", help=f"one of: {', '.join(SCORERS)} (default selfinfo)")
     c.add_argument(
-        "--keep", type=float, default=0.33, help="share of the prompt's tokens to keep, in (0, 1] (default 0.33)"
+        "--keep",
+        type=float,
+        default=0.33,
+        help="share of the prompt's tokens to keep, in (0, 1] (default 0.33)",
     )
     c.add_argument("--question", help="question appended after the context, never compressed")
     src = c.add_mutually_exclusive_group()
@@ -132,7 +135,9 @@ def add_commands(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="a scorer setting, e.g. --set window=100 (repeatable)",
     )
-    c.add_argument("--json", action="store_true", help="print {text, kept_tokens, total_tokens, ratio, seconds}")
+    c.add_argument(
+        "--json", action="store_true", help="print {text, kept_tokens, total_tokens, ratio, seconds}"
+    )
     c.add_argument("--threads", type=int, help="torch CPU threads")
     c.add_argument(
         "--trust-remote-code", action="store_true", help="allow modelling code shipped with a checkpoint"

@@ -267,6 +267,9 @@ class Distilled(PromptScorer):
         word_p = word_probabilities(head, enc, etok, doc.context, self.max_length, self.batch_size)
         runs = token_runs(doc.text, doc.spans[: doc.n_context])  # (n,) word of each counting token
         p = torch.where(runs >= 0, word_p[runs.clamp(min=0)] if word_p.numel() else 0.0, 0.0).float()
+        # a word's leading whitespace token (same unit) carries the word's probability
+        unit_p = torch.zeros(int(doc.words.max()) + 1).scatter_reduce(0, doc.words, p, reduce="amax")
+        p = unit_p[doc.words]
         p = torch.where(doc.forced, torch.ones_like(p), p)
         # every token carries its word's probability: the words expanded by their token length
         tau = min(1.0, max(doc.budget, 0) / max(doc.n_context, 1))

@@ -66,7 +66,8 @@ class KVScorer:
         raise NotImplementedError
 
     def accumulate(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Cross-layer step after all layers were scored (identity unless a method says otherwise)."""
+        """Cross-layer step over the scores of the compressed layers, in layer order (identity
+        unless a method says otherwise)."""
         return scores
 
     def budgets(self, k: int, n_protected: int, n_tokens: int, layers: list[int]) -> dict[int, int]:
