@@ -88,10 +88,15 @@ class CharTokenizer:
             enc = {"input_ids": torch.tensor([ids])}
         return enc
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(i) for i in ids)
 
 
 @pytest.fixture
 def char_tok():
     return CharTokenizer()
+
+
+@pytest.fixture
+def tiny_llama_model():
+    return tiny_llama()

@@ -189,3 +189,73 @@ def test_chunked_keep_all_is_identity(tiny_causal):
     got = torch.cat([logits[:, -1:], model(more, cache=cache).logits], dim=1)
     ref = model(torch.cat([torch.tensor([p.ids]), more], dim=1)).logits[:, 49:]
     assert (got - ref).abs().max().item() <= 1e-5
+
+
+DECODE_METHODS = [n for n, c in METHODS.items() if "decode" in c.sites]
+
+
+@pytest.mark.parametrize("method", DECODE_METHODS)
+def test_decode_site_bounded_and_protected(tiny_llama_model, char_tok, method):
+    """Decode site: the cache never exceeds its budget after a step; the question stays."""
+    from flowsieve.generate import generate
+
+    model = tiny_llama_model
+    ctx = "abcdefghij" * 4
+    r = generate(
+        model,
+        char_tok,
+        ctx,
+        "who?",
+        sieve=Sieve(method, budget=30, site="decode", window=4),
+        chat=False,
+        max_new_tokens=24,
+        instruction=None,
+    )
+    assert r.extra["capacity"] == 30 and r.extra["evicted"] > 0
+    assert r.extra["max_stored"] <= 31  # capacity + the step's own new entry before eviction
+    # keep-all at the decode site: no eviction, the same tokens as the full run
+    full = generate(model, char_tok, ctx, "who?", chat=False, max_new_tokens=8, instruction=None)
+    same = generate(
+        model,
+        char_tok,
+        ctx,
+        "who?",
+        sieve=Sieve(method, keep=1.0, site="decode", window=4),
+        chat=False,
+        max_new_tokens=8,
+        instruction=None,
+    )
+    assert same.token_ids[: len(full.token_ids)] == full.token_ids
+
+
+def test_streamingllm_decode_matches_masked_reference(tiny_llama_model):
+    """StreamingLLM at the decode site: each step's logits equal a full forward in which every query
+    sees only the entries kept before it (sinks + recent) and itself."""
+    from flowsieve.generate import DecodeEvictor, Prompt, prefill_with_sieve
+
+    model = tiny_llama_model
+    T, n_new, cap = 20, 10, 12
+    p = _prompt(T, 0, T - 2)
+    sieve = Sieve("streamingllm", budget=cap, site="decode", window=2)
+    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    protect = extra["protect_mask"]
+    ev = DecodeEvictor(model, cache, sieve, protect, recent=2)
+    toks = torch.randint(0, 128, (n_new,), generator=torch.Generator().manual_seed(9)).tolist()
+    seen: list[list[int]] = []
+    got = []
+    for t in toks:
+        seen.append(cache.layer(0).positions.reshape(-1).tolist())  # kept before this query
+        with ev() as after:
+            got.append(model(torch.tensor([[t]]), cache=cache).logits[:, -1])
+        after()
+    ids = torch.tensor([list(p.ids) + toks])
+    N = ids.shape[1]
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    allowed[:T, :T] = torch.ones(T, T).tril().bool()
+    for q, kept in enumerate(seen):
+        allowed[T + q, kept] = True
+        allowed[T + q, T + q] = True
+    ref = _per_layer_reference(model, ids, dict.fromkeys(cache.sieve_layers, allowed[None, None]))
+    got_t = torch.cat(got)
+    assert (got_t - ref[0, T:]).abs().max().item() <= 1e-5
+    assert isinstance(p, Prompt)

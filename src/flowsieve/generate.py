@@ -176,9 +176,18 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 @torch.inference_mode()
 def decode_greedy(
-    model: nn.Module, cache: Any, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]
+    model: nn.Module,
+    cache: Any,
+    first_logits: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    step: Any = None,
 ) -> tuple[list[int], float]:
-    """Greedy decoding from the logits of the last prompt position; returns (tokens, seconds)."""
+    """Greedy decoding from the logits of the last prompt position; returns (tokens, seconds).
+
+    ``step``, if given, is a context manager factory wrapped around every forward pass and then
+    called after it (the decode site observes the step and evicts): ``with step() as s: ...; s()``.
+    """
     out: list[int] = []
     nxt = int(first_logits[0, -1].argmax())
     t0 = time.perf_counter()
@@ -186,9 +195,68 @@ def decode_greedy(
         out.append(nxt)
         if nxt in eos or len(out) >= max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True).logits
+        if step is None:
+            logits = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True).logits
+        else:
+            with step() as after:
+                logits = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True).logits
+            after()
         nxt = int(logits[0, -1].argmax())
     return out, time.perf_counter() - t0
+
+
+class DecodeEvictor:
+    """Keeps every compressed layer of a :class:`~flowsieve.kvcache.SieveCache` within the sieve's
+    capacity during decoding (:meth:`flowsieve.sieve.Sieve.capacity`): after each step, the
+    lowest-scored unprotected entries are evicted.
+
+    Protected: the prompt's protected positions (chat template, question, observation window) and
+    the ``recent`` most recent entries.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, sieve: Any, protect: torch.Tensor, recent: int) -> None:
+        self.model, self.cache, self.sieve = model, cache, sieve
+        self.protect, self.recent = protect, recent
+        self.capacity = 0
+        self.evicted = 0
+        self.max_stored = 0
+
+    def __call__(self) -> Any:
+        import contextlib
+
+        from flowsieve.observe import observe
+
+        @contextlib.contextmanager
+        def ctx() -> Any:
+            with observe(self.model, self.sieve.scorer.decode_spec()) as obs:
+                yield lambda: self._evict(obs)
+
+        return ctx()
+
+    def _evict(self, obs: Any) -> None:
+        from flowsieve.sieve import select_topk
+        from flowsieve.sieves import ScoreContext
+
+        cfg = self.model.config
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        for i in self.cache.sieve_layers:
+            layer = self.cache.layer(i)
+            S = layer.stored_length
+            self.max_stored = max(self.max_stored, S)
+            self.capacity = cap = self.sieve.capacity(layer.cumulative_length)
+            if S <= cap:
+                continue
+            ctx = ScoreContext(S, (), n_heads, n_kv, i, len(self.cache.layers), self.sieve.seed)
+            scores = self.sieve.scorer.decode_score(obs.layer(i), layer, ctx).float()
+            pos = layer.positions
+            n = layer.cumulative_length
+            prot = (pos >= n - self.recent) | self.protect[pos.clamp(max=self.protect.shape[0] - 1)] & (
+                pos < self.protect.shape[0]
+            )
+            layer.keep(select_topk(scores, prot, cap))
+            self.evicted += S - cap
 
 
 def full_kv_bytes(model: nn.Module, n_tokens: int, dtype_bytes: int = 4) -> int:
@@ -253,8 +321,20 @@ def generate(
         cache, logits, extra = prefill_with_sieve(model, prompt, sieve, mode)
         kv = kv_bytes(cache)
         kept = extra["kept_entries"]
+        if sieve.site == "prefill":
+            extra.pop("protect_mask")
     prefill_s = time.perf_counter() - t0
-    new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
+    step = None
+    if sieve is not None and sieve.site == "decode":
+        protect = extra.pop("protect_mask")
+        evictor = DecodeEvictor(model, cache, sieve, protect, sieve.window)
+        step = evictor
+    new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer), step)
+    if step is not None:
+        extra.update(
+            {"evicted": evictor.evicted, "max_stored": evictor.max_stored, "capacity": evictor.capacity}
+        )
+        kv = max(kv, kv_bytes(cache))
     peak = rss.stop()
     steps = len(new) - 1  # forward passes after prefill
     return GenResult(
@@ -287,10 +367,8 @@ def prefill_with_sieve(
     from flowsieve.kvcache import SieveCache
     from flowsieve.observe import observe
 
-    if sieve.site != "prefill":
-        raise FlowsieveError(
-            f"generate() runs sieves at the prefill site; '{sieve.site}' is not available here"
-        )
+    if sieve.site not in ("prefill", "decode"):
+        raise FlowsieveError(f"generate() runs sieves at the prefill and decode sites, not '{sieve.site}'")
     ids = list(prompt.ids)
     if mode == "query_agnostic":
         head = ids[: prompt.split]
@@ -344,5 +422,6 @@ def prefill_with_sieve(
         "score_s": round(score_s, 4),
         "peak_entries": peak_entries,
         "chunk": sieve.chunk,
+        "protect_mask": torch.cat([protect, torch.ones(len(tail), dtype=torch.bool)]),
     }
     return cache, logits, extra

@@ -70,6 +70,8 @@ class ObserveSpec:
             the last chunk) for
             ``received`` and the per-row head statistics (an estimate; the output then comes from
             stock SDPA and costs little more than a plain pass); visibility is still counted exactly.
+        current: record the attention row of the last query of every call under key ``-1`` of
+            ``rows`` (decode-time methods score with the step's own query).
         slots: index per-key values by the key's slot in the cache (what an evicting cache needs)
             instead of by absolute token index (what a trace shows).
         workers: threads that scan query chunks in parallel, each with one torch thread (bounded by
@@ -90,6 +92,7 @@ class ObserveSpec:
     row_stride: int = 1
     workers: int = 1
     slots: bool = False
+    current: bool = False
 
     def __post_init__(self) -> None:
         if (self.chunk is not None and self.chunk < 1) or self.entropy_stride < 1 or self.row_stride < 1:
@@ -286,6 +289,8 @@ def _attention(
     total = seen + q
     koff = total - L
     rows = [p for p in obs.row_positions(total) if seen <= p < total]
+    if spec.current and total - 1 not in rows:
+        rows.append(total - 1)
     # where per-key values are placed: absolute token index, or the key's slot in this call's cache
     pk, pt = (0, L) if spec.slots else (koff, total)
 
@@ -352,6 +357,8 @@ def _attention(
         rec.n_rows += q
     if spec.received and spec.row_stride == 1:
         rec.visible_all = rec.visible
+    if spec.current:
+        rec.rows[-1] = rec.rows[total - 1]
     for p in rows:
         # value-value "semantic" attention of FlowCut: softmax_j(v_p . v_j / sqrt(d)) per KV head,
         # over the keys the query can see (causal: up to and including p)

@@ -78,11 +78,21 @@ class Sieve:
     def target(self, n_tokens: int) -> int:
         """Entries to keep per layer for a prompt of ``n_tokens``."""
         if self.budget is not None:
+            if self.site == "decode":
+                return min(self.budget, n_tokens)  # the decode cache may fill up to its budget
             if self.budget > n_tokens:
                 raise FlowsieveError(f"budget {self.budget} is larger than the prompt ({n_tokens} tokens)")
             return self.budget
         assert self.keep is not None
         return max(1, round(self.keep * n_tokens))
+
+    def capacity(self, seen_tokens: int) -> int:
+        """Entries a ``decode``-site cache holds at most after ``seen_tokens`` tokens: the budget
+        (a fixed size, for endless streams), or keep x the tokens seen so far (keep = 1 never evicts)."""
+        if self.budget is not None:
+            return self.budget
+        assert self.keep is not None
+        return max(1, round(self.keep * seen_tokens))
 
     def observe_spec(self, window: tuple[int, ...]) -> ObserveSpec:
         spec = self.scorer.spec(window)

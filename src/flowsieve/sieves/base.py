@@ -6,7 +6,7 @@ Shapes: B batch, H query heads, Hk KV heads, g = H / Hk, T prompt tokens, w obse
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,6 +69,15 @@ class KVScorer:
         """Cross-layer step over the scores of the compressed layers, in layer order (identity
         unless a method says otherwise)."""
         return scores
+
+    def decode_spec(self) -> ObserveSpec:
+        """What the decode site observes at every step (the step's own attention row by default)."""
+        return ObserveSpec(current=True, slots=True)
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        """Scores of the entries stored in ``layer`` (a SieveLayer) after a decode step: (B, S) or
+        (B, Hk, S). Methods that support the ``decode`` site implement it."""
+        raise NotImplementedError
 
     def budgets(self, k: int, n_protected: int, n_tokens: int, layers: list[int]) -> dict[int, int]:
         """Entries to keep per compressed layer; the same ``k`` everywhere unless a method schedules

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,10 +18,15 @@ class RandomScorer(KVScorer):
 
     name = "random"
     paper = "baseline"
+    sites = ("prefill", "decode")
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         g = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.layer)
         return torch.rand(1, ctx.n_tokens, generator=g)
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        g = torch.Generator().manual_seed(ctx.seed * 1000003 + layer.cumulative_length * 31 + ctx.layer)
+        return torch.rand(layer.positions.shape, generator=g)
 
 
 @METHODS.register("recent")
@@ -30,6 +36,10 @@ class RecentScorer(KVScorer):
 
     name = "recent"
     paper = "baseline"
+    sites = ("prefill", "decode")
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         return torch.arange(ctx.n_tokens, dtype=torch.float32)[None]
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        return layer.positions.float()

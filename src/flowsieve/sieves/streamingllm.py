@@ -8,6 +8,7 @@ without re-rotation) instead of re-numbering the cache contiguously.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ class StreamingLLMScorer(KVScorer):
 
     name = "streamingllm"
     paper = "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks, arXiv 2309.17453"
+    sites = ("prefill", "decode")
     sinks: int = 4
 
     def __post_init__(self) -> None:
@@ -33,3 +35,7 @@ class StreamingLLMScorer(KVScorer):
         s = torch.arange(ctx.n_tokens, dtype=torch.float32)
         s[: self.sinks] = float(ctx.n_tokens) + 1.0  # above every recent token
         return s[None]
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        pos = layer.positions.float()
+        return torch.where(pos < self.sinks, pos.new_tensor(float(layer.cumulative_length) + 1.0), pos)

@@ -6,6 +6,7 @@ layer). At the prefill site the last prompt token is the query; the decode site 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,7 +22,11 @@ class TOVAScorer(KVScorer):
     name = "tova"
     paper = "Oren et al. 2024, Transformers are Multi-State RNNs (TOVA), arXiv 2401.06104"
     needs = ("rows",)
+    sites = ("prefill", "decode")
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         last = (ctx.window[-1],)
         return window_rows(obs, last, ctx.n_tokens)[:, :, 0].mean(1)  # (B, T)
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        return obs.rows[-1][..., : layer.stored_length].mean(1)  # (B, S): this step's query, head mean
