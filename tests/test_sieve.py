@@ -259,3 +259,32 @@ def test_streamingllm_decode_matches_masked_reference(tiny_llama_model):
     got_t = torch.cat(got)
     assert (got_t - ref[0, T:]).abs().max().item() <= 1e-5
     assert isinstance(p, Prompt)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "flowcut", "h2o"])
+def test_on_context_manager_with_generate(tiny_causal, method):
+    """`with Sieve(...).on(model): model.generate(...)`: keep = 1 gives plain generate's tokens;
+    keep = 0.5 shrinks the cache that generate carries."""
+    _, model = tiny_causal
+    ids = torch.tensor([_prompt(40, 0, 30).ids])
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    with Sieve(method, keep=1.0, window=4).on(model):
+        same = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(same, ref)
+    from transformers import GenerationConfig
+
+    seen = {}
+    with Sieve(method, keep=0.5, window=4).on(model, protect_last=6):
+        out = model.generate(
+            ids,
+            generation_config=GenerationConfig(max_new_tokens=3, do_sample=False),
+            return_dict_in_generate=True,
+        )
+        seen["cache"] = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = seen["cache"]
+    from flowsieve.kvcache import SieveCache
+
+    assert isinstance(cache, SieveCache)
+    layer = cache.layer(cache.sieve_layers[0])
+    assert layer.cumulative_length == 40 + 2 and layer.stored_length == 20 + 2
+    assert model.config._attn_implementation == "sdpa"  # restored

@@ -10,6 +10,8 @@ cache. Kept keys keep their original positions; later tokens get absolute positi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +154,82 @@ class Sieve:
             if ki < T:
                 cache.keep(i, select_topk(scores[i], prot[i], ki))
         return round(sum(plan.values()) / len(plan))
+
+    @contextlib.contextmanager
+    def on(self, model: Any, site: str | None = None, protect_last: int = 0) -> Iterator[Sieve]:
+        """Apply this sieve to every ``model(...)`` / ``model.generate(...)`` call inside the block.
+
+        A prefill call (no cache, or an empty one) gets a :class:`~flowsieve.kvcache.SieveCache`
+        that is compressed right after the forward pass; at the ``decode`` site every later step
+        is observed and the cache kept within :meth:`capacity`. Protected: the observation window
+        (the last ``window`` prompt tokens) and the last ``protect_last`` tokens (e.g. a question
+        longer than the window). Batch size 1 only. Hooks are always removed on exit.
+        """
+        from flowsieve.generate import DecodeEvictor
+        from flowsieve.kvcache import SieveCache
+        from flowsieve.observe import observe
+
+        site = site or self.site
+        if site not in ("prefill", "decode"):
+            raise FlowsieveError(f"Sieve.on supports the prefill and decode sites, not '{site}'")
+        if site not in self.scorer.sites:
+            raise FlowsieveError(
+                f"method '{self.method}' does not support site '{site}' (it supports: {', '.join(self.scorer.sites)})"
+            )
+        if self.chunk is not None:
+            raise FlowsieveError("chunked prefill runs through flowsieve.generate.generate, not Sieve.on")
+        state: dict[str, Any] = {}
+
+        def pre(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise FlowsieveError("Sieve.on needs input_ids")
+            if ids.shape[0] != 1:
+                raise FlowsieveError("sieves run one sequence at a time (batch size 1)")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None or cache.get_seq_length() == 0:
+                T = int(ids.shape[1])
+                w = min(self.window, T)
+                window = tuple(range(T - w, T))
+                protect = torch.zeros(T, dtype=torch.bool)
+                protect[T - max(w, min(protect_last, T)) :] = True
+                new = SieveCache(model)
+                kwargs.pop("past_key_values", None)
+                kwargs["cache"] = new
+                kwargs["use_cache"] = True
+                cm = observe(model, self.observe_spec(window))
+                state.update(
+                    cm=cm, obs=cm.__enter__(), phase="prefill", cache=new, protect=protect, window=window
+                )
+            elif site == "decode" and "evictor" in state and cache is state["cache"]:
+                cm = state["evictor"]()
+                state.update(cm=cm, after=cm.__enter__(), phase="decode")
+            return args, kwargs
+
+        def post(mod: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            cm = state.pop("cm", None)
+            if cm is None:
+                return
+            cm.__exit__(None, None, None)
+            if state.get("phase") == "prefill":
+                self.compress(state.pop("obs"), state["cache"], state["protect"], state["window"])
+                if site == "decode":
+                    state["evictor"] = DecodeEvictor(
+                        model, state["cache"], self, state["protect"], self.window
+                    )
+            else:
+                state.pop("after")()
+
+        h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+        h2 = model.register_forward_hook(post, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            h1.remove()
+            h2.remove()
+            cm = state.pop("cm", None)
+            if cm is not None:
+                cm.__exit__(None, None, None)
 
 
 def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:
