@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     t.set_defaults(func=cmd_trace)
 
+    from flowsieve.bench.cli import add_commands as add_bench_commands
+
+    add_bench_commands(sub)
+
     ls = sub.add_parser(
         "ls", help="list the compression methods", description="List every method, its sites and paper."
     )
