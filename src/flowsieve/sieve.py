@@ -72,6 +72,10 @@ class Sieve:
             raise FlowsieveError(f"window must be >= 1, got {self.window}")
         if self.chunk is not None and self.chunk < self.window:
             raise FlowsieveError(f"chunk ({self.chunk}) must be at least the window ({self.window})")
+        if self.chunk is not None and getattr(cls, "per_layer_budgets", False):
+            raise FlowsieveError(
+                f"method '{self.method}' gives layers different budgets; chunked prefill needs equal ones"
+            )
         try:
             self.scorer: KVScorer = cls(**self.options)
         except TypeError as e:

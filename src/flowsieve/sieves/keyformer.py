@@ -25,8 +25,9 @@ What changed for a text context and this code base:
   the window; ``all_rows=True`` records every prompt row and gives the exact Keyformer score at a
   cost of ``H x T x T`` floats per layer (short prompts and tests only). With ``noise=False`` and
   ``tau=1`` the score is exactly H2O's accumulated attention either way. The exact score for long
-  prompts needs one change in :mod:`flowsieve.observe`: accumulate :func:`gumbel_column_sum` of
-  each probability chunk next to ``received`` (see the report of this module's author).
+  prompts at no extra memory needs one change in :mod:`flowsieve.observe`: an ``ObserveSpec``
+  option (temperature and seed) under which ``_accumulate`` also adds
+  :func:`gumbel_column_sum` of each chunk of probabilities, with seeded noise, next to ``received``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class KeyformerScorer(KVScorer):
         assert obs.received is not None
         T = ctx.n_tokens
         total = obs.received[..., :T].clone()  # (B, H, T): plain softmax mass of every row
-        rows = sorted(p for p in obs.rows if p < T)
+        rows = sorted(p for p in obs.rows if p >= 0)  # query positions of this pass (-1: a decode alias)
         if rows and (self.noise or self.tau != 1.0):
             probs = torch.stack([obs.rows[p][..., :T] for p in rows], dim=2)  # (B, H, r, T)
             gen = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.layer)

@@ -8,13 +8,13 @@ layer gets ``2C - C/beta`` entries, the highest ``C/beta`` (``beta = 20`` in the
 kvpress), linear in between, so that the mean stays ``C``. Entries are chosen per layer by SnapKV's
 rule (window attention, pooled, per KV head; see :mod:`flowsieve.sieves.snapkv`).
 
-``schedule="staged"`` is the staged form of PyramidDrop (Xing, Chen, Dong, Zang, Wang, Liu, Lin,
-Wang, "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
-Reduction", CVPR 2025, arXiv 2410.17247) and of the released AdaToken-3D code (Zhang et al.,
-"AdaToken-3D: Dynamic Spatial Gating for Efficient 3D Large Multimodal-Models Reasoning", 2025,
-arXiv 2505.12782, which ships a PyramidDrop pruner): the layers are split into ``stages`` equal
-groups and stage ``s`` gets a weight ``ratio**s`` (PyramidDrop's lambda = 0.5), or the weights given
-in ``stage_weights`` (e.g. AdaToken-3D's ``[0.8, 0.6, 0.4]`` per stage).
+``schedule="staged"`` is the staged form of PyramidDrop (Xing, Huang, Dong, Lu, Zhang, Zang, Cao,
+He, Wang, Wu, Lin, "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
+Redundancy Reduction", CVPR 2025, arXiv 2410.17247) and of the released AdaToken-3D code (Zhang,
+Chen, Zhang, "AdaToken-3D: Dynamic Spatial Gating for Efficient 3D Large Multimodal-Models
+Reasoning", 2025, arXiv 2505.12782, which ships a PyramidDrop pruner): the layers are split into
+``stages`` equal groups and stage ``s`` gets a weight ``ratio**s`` (PyramidDrop's lambda = 0.5), or
+the weights given in ``stage_weights`` (e.g. AdaToken-3D's ``[0.8, 0.6, 0.4]`` per stage).
 
 What changed for a text context (the papers prune visual tokens, or the KV cache of a whole prompt):
 
@@ -35,13 +35,15 @@ What changed for a text context (the papers prune visual tokens, or the KV cache
 
 Layers then hold different numbers of entries: a multi-token forward on top of the compressed
 cache is not possible (transformers builds one mask for all layers), so a continuation is fed one
-token at a time (:func:`flowsieve.generate.prefill_with_sieve` does this).
+token at a time (:func:`flowsieve.generate.prefill_with_sieve` does this), and a chunked prefill,
+which compresses again after every chunk, cannot use a pyramid (``per_layer_budgets`` says so).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.sieves.base import METHODS
@@ -134,6 +136,8 @@ class PyramidScorer(SnapKVScorer):
     """
 
     name = "pyramid"
+    # layers keep different numbers of entries (no multi-token chunk on top, no chunked prefill)
+    per_layer_budgets: ClassVar[bool] = True
     paper = (
         "Cai et al. 2024, PyramidKV, arXiv 2406.02069 (staged: Xing et al. 2025, PyramidDrop, "
         "arXiv 2410.17247; AdaToken-3D, arXiv 2505.12782)"

@@ -16,14 +16,16 @@ layers 7/9/12, accumulating TTV from layer 7 on):
 - the candidates are the tokens before the observation window; the instruction tokens are the
   observation window (the question in query-aware mode, the last tokens of the context otherwise),
   whose entries are always kept, so they are left out of both normalisations (score 0 here);
-- every layer's cache is scored after the whole prefill: the TTV of layer ``l`` is accumulated over
-  layers ``ttv_from .. l`` (the paper: the layers already run before its pruning layer), and IGA is
-  the window attention of layer ``l`` itself (the paper uses the next layer's projections on the
-  pruned hidden states); layers before ``ttv_from`` use IGA alone;
+- every compressed layer's cache is scored after the prefill: the TTV of layer ``l`` is accumulated
+  over the compressed layers ``ttv_from .. l`` (the paper: the layers already run before its
+  pruning layer; Gemma-3's sliding-window layers are not compressed, so their TTV is not counted),
+  and IGA is the window attention of layer ``l`` itself (the paper uses the next layer's
+  projections on the pruned hidden states); layers before ``ttv_from`` use IGA alone;
 - tokens are not pruned progressively from the sequence (no renumbered positions): each layer keeps
   its own entries and later tokens keep absolute positions;
-- the TTV softmax runs over all prompt tokens of the forward (concatenated when the prefill came in
-  several calls), the candidate normalisation afterwards.
+- the TTV softmax runs over the tokens of the observed forward (the whole prompt, or one chunk of a
+  chunked prefill), the candidate normalisation afterwards; in a chunked prefill the entries kept
+  from earlier chunks were not observed and get the chunk's mean TTV.
 
 ``score`` returns both terms of one layer stacked, ``(2, B, T)`` (TTV, IGA); ``accumulate`` sums TTV
 over layers and turns them into the final ``(B, T)`` scores.
@@ -42,16 +44,26 @@ from flowsieve.sieves.base import METHODS, KVScorer, ScoreContext, window_rows
 
 
 def layer_ttv(obs: LayerObs, n_tokens: int) -> torch.Tensor:
-    """TTV of one layer, (B, T): the sum over its blocks of ``ratio * softmax_T(dist)``."""
+    """TTV of one layer over the ``n_tokens`` cache entries, (B, T).
+
+    The sum over the layer's blocks of ``ratio * softmax(dist)``, the softmax over the tokens of the
+    observed forward calls (concatenated). Those tokens are the last entries of the cache; entries
+    stored before them (kept from an earlier chunk of a chunked prefill) were not observed and get
+    the mean TTV of the observed ones (neutral in the ranking).
+    """
     if not obs.ttv:
         raise FlowsieveError("transprune: no transition signals were recorded for this layer")
     out = None
     for blocks in obs.ttv.values():
-        ratio = torch.cat([r for r, _ in blocks], dim=-1)[..., :n_tokens]
-        dist = torch.cat([d for _, d in blocks], dim=-1)[..., :n_tokens]
+        ratio = torch.cat([r for r, _ in blocks], dim=-1)[..., -n_tokens:]
+        dist = torch.cat([d for _, d in blocks], dim=-1)[..., -n_tokens:]
         t = ttv(ratio.float(), dist.float())
         out = t if out is None else out + t
     assert out is not None
+    n_new = out.shape[-1]
+    if n_new < n_tokens:
+        old = out.mean(-1, keepdim=True).expand(*out.shape[:-1], n_tokens - n_new)
+        out = torch.cat([old, out], dim=-1)
     return out
 
 
@@ -89,7 +101,7 @@ class TransPruneScorer(KVScorer):
             t = torch.zeros_like(t)
         iga = window_rows(obs, ctx.window, T).mean(1).mean(1)  # heads, then window queries -> (B, T)
         cand = torch.ones(T, dtype=t.dtype)
-        cand[[p for p in ctx.window if p < T]] = 0  # the window is kept anyway: not a candidate
+        cand[max(T - len(ctx.window), 0) :] = 0  # the window (the last slots) is kept: not a candidate
         return torch.stack([t * cand, iga * cand])
 
     def accumulate(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
