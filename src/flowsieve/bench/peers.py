@@ -16,14 +16,17 @@ decoding.
 Modes (see each runner's docstring for the details, which are also written into every row's
 ``extra``):
 
-- kvpress ``query_agnostic``: its text-generation pipeline, which compresses the context's KV cache
-  before the question is seen, then appends the question; ``query_aware``: context and question
-  compressed together (the question is part of kvpress's context, as its ``evaluate.py
-  --query_aware`` does), so question tokens can be evicted too.
-- LLMLingua ``query_aware``: the question conditions the compression (LongLLMLingua's
-  question-aware ranking; LLMLingua-1 gets it as ``question=`` too); ``query_agnostic``: the
-  question is withheld from the compressor. The compressed prompt is then answered by the same
-  SmolLM2 inside the runner.
+- kvpress ``query_agnostic``: its ``kv-press-text-generation`` pipeline as shipped, which compresses
+  the context's KV cache before the question is seen, then appends the question. ``query_aware``:
+  context, question and instruction all go in as kvpress's context with an empty question (what its
+  ``evaluate.py`` does with ``compress_questions``), so the press sees the question while it
+  compresses, and question tokens can be evicted too. kvpress has no mode that compresses the
+  context only while conditioning on the question.
+- LLMLingua: ``longllmlingua`` is query-aware by design (question-conditioned ranking and token
+  perplexities; it refuses to run without a question), so it runs ``query_aware`` only.
+  ``llmlingua`` (LLMLingua-1) scores perplexities without the question in either mode; it is passed
+  the question in ``query_aware`` mode and not otherwise, which compresses identically. The
+  compressed prompt is answered by the same SmolLM2 inside the runner.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,11 @@ class PeerSpec:
     """Our method name -> the peer's class or method it runs."""
     runner: str
     """File name of the runner script in ``bench/peers/``."""
-    modes: tuple[str, ...] = MODES
+    only_modes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Methods that run in some modes only (method -> modes); the rest run in both."""
+
+    def modes(self, method: str) -> tuple[str, ...]:
+        return self.only_modes.get(method, MODES)
 
 
 PEERS: dict[str, PeerSpec] = {
@@ -94,6 +101,8 @@ PEERS: dict[str, PeerSpec] = {
             "longllmlingua": "LongLLMLingua (PromptCompressor.compress_prompt, rank_method='longllmlingua')",
         },
         runner="llmlingua_runner.py",
+        # LongLLMLingua ranks and prunes with the question; compress_prompt refuses to run without one
+        only_modes={"longllmlingua": ("query_aware",)},
     ),
 }
 
@@ -346,6 +355,9 @@ def _check_args(system: str, method: str, keep: float, mode: str, max_new_tokens
         raise FlowsieveError(
             f"mode must be one of {', '.join(MODES)}, got {mode!r}{did_you_mean(str(mode), MODES)}"
         )
+    allowed = peer_spec(system).modes(method)
+    if mode not in allowed:
+        raise FlowsieveError(f"{system} method {method} runs {' and '.join(allowed)} only, not {mode}")
     for name, v in (("max_new_tokens", max_new_tokens), ("threads", threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FlowsieveError(f"{name} must be a positive integer, got {v!r}")
@@ -383,7 +395,8 @@ def run_peer(
         mode: ``query_aware`` (question seen while compressing) or ``query_agnostic``.
         max_new_tokens: greedy decoding length limit.
         threads: torch threads in the runner.
-        timeout: seconds for the whole run (default: 300 + 120 per item).
+        timeout: seconds for the whole run (default: 600 + 600 per item; a guard against hangs:
+            LongLLMLingua alone took up to 100 s per 500-token item on a busy 2-core machine).
         build: create the environment when it is missing (else a missing one is an error).
 
     Returns:
@@ -417,7 +430,7 @@ def run_peer(
 
     gguf_dir, gguf_file = BUNDLED[model_name].locate()
     if timeout is None:
-        timeout = 300 + 120 * len(items)
+        timeout = 600 + 600 * len(items)
     config = {
         "method": method,
         "peer_method": peer_method(system, method),
@@ -464,11 +477,25 @@ def run_peer(
             raise FlowsieveError(f"{system} runner could not start: {e}") from e
         if proc.returncode != 0:
             reason = one_line(proc.stderr) or f"exit status {proc.returncode}"
-            raise FlowsieveError(f"{system} ({method}) failed: {reason}")
+            log_path = _save_log(system, method, proc.stderr)
+            where = f" (full log: {log_path})" if log_path else ""
+            raise FlowsieveError(f"{system} ({method}) failed: {reason}{where}")
         if not (tmpd / "rows.jsonl").exists():
             raise FlowsieveError(f"{system} ({method}) wrote no results: {one_line(proc.stderr)}")
         rows = read_jsonl(tmpd / "rows.jsonl")
     return _check_rows(system, rows, ids)
+
+
+def _save_log(system: str, method: str, text: str) -> Path | None:
+    """Keep a failed runner's stderr under ``<cache>/peers/logs/`` (the error names the file)."""
+    try:
+        d = peer_cache_dir() / "logs"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{system}-{method}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(text or "", encoding="utf-8")
+        return path
+    except OSError:
+        return None
 
 
 def _instruction() -> str:
@@ -490,6 +517,9 @@ def _runner_env(threads: int) -> dict[str, str]:
             "MKL_NUM_THREADS": str(threads),
             "PYTHONUNBUFFERED": "1",
             "PYTHONNOUSERSITE": "1",
+            # keep the runner's stderr (kept as the log of a failure) free of progress bars
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TQDM_DISABLE": "1",
         }
     )
     return env
