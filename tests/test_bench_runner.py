@@ -3,7 +3,6 @@ sweep that resumes without losing or doubling rows, Ray, the CLI, and one real s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import flowsieve.cli as fs_cli
 import flowsieve.generate as gen
 from flowsieve import FlowsieveError
 from flowsieve.bench import runner
-from flowsieve.bench.cli import add_commands, parse_params, parse_peers
+from flowsieve.bench.cli import parse_params, parse_peers
 from flowsieve.bench.runner import SweepConfig, plan, run_sweep
 from flowsieve.bench.store import FULL, IDENTITY, Store
 from flowsieve.generate import GenResult
@@ -509,17 +508,8 @@ def test_ray_unavailable_is_a_clear_error(monkeypatch, tmp_path, fakes):
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """``flowsieve`` with the bench commands added, as flowsieve.cli will wire them."""
-    build = fs_cli.build_parser
-
-    def build_with_bench():
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        add_commands(sub)
-        return p
-
-    monkeypatch.setattr(fs_cli, "build_parser", build_with_bench)
+def cli(capsys):
+    """The ``flowsieve`` command line (bench and report are wired into flowsieve.cli)."""
 
     def run(*argv):
         code = fs_cli.main(list(argv))
