@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flowsieve.bench.cli import add_commands as add_bench_commands
 
     add_bench_commands(sub)
+    from flowsieve.prompt.cli import add_commands as add_prompt_commands
+
+    add_prompt_commands(sub)
 
     ls = sub.add_parser(
         "ls", help="list the compression methods", description="List every method, its sites and paper."

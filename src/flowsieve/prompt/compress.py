@@ -102,7 +102,7 @@ def compress_prompt(
 
     t0 = time.perf_counter()
     doc = build_doc(tokenizer, text, question, keep, force_tokens, force_words)
-    if keep == 1.0:
+    if keep == 1.0 or doc.n_context == 0:
         return CompressedPrompt(
             text=doc.text,
             kept_tokens=doc.total,

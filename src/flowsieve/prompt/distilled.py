@@ -157,20 +157,22 @@ def encoder_features(
     """Encoder features of every piece of ``text``: ((P, D) features, (P,) word index of each piece).
 
     The text is tokenised without special tokens, cut into chunks of at most ``max_length`` tokens
-    (CLS and SEP included, when the tokenizer has them) at word boundaries, and encoded in padded
-    batches; ``layers`` selects the hidden states that are concatenated. Word indices count maximal
-    runs of non-space characters (-1: a piece of only whitespace).
+    (CLS and SEP included, when the tokenizer has them) of about equal size at word boundaries,
+    and encoded in padded batches; ``layers`` selects the hidden states that are concatenated.
+    Word indices count maximal runs of non-space characters (-1: a piece of only whitespace).
     """
     ids, spans = tokenize_spans(tokenizer, text)
     if not ids:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    # encoder offsets exclude the spaces before a word; the span of a piece starts after the previous
-    runs = token_runs(text, spans)
+    runs = token_runs(text, spans)  # (P,) word of each piece
     cls = getattr(tokenizer, "cls_token_id", None)
     sep = getattr(tokenizer, "sep_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     specials = (cls is not None) + (sep is not None)
-    chunks = _chunks(runs.tolist(), max_length - specials)
+    limit = max_length - specials
+    # as few chunks as the limit allows, of about equal size (less padding in the batch)
+    n_chunks = math.ceil(len(ids) / limit)
+    chunks = _chunks(runs.tolist(), min(limit, math.ceil(len(ids) / n_chunks) + 16))
     feats: list[torch.Tensor] = []
     dev = model_device(encoder)
     for c0 in range(0, len(chunks), batch_size):
