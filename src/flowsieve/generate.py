@@ -234,13 +234,10 @@ class DecodeEvictor:
         return ctx()
 
     def _evict(self, obs: Any) -> None:
-        from flowsieve.sieve import select_topk
+        from flowsieve.sieve import head_counts, select_topk
         from flowsieve.sieves import ScoreContext
 
-        cfg = self.model.config
-        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-        n_heads = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        n_heads, n_kv = head_counts(self.model)
         for i in self.cache.sieve_layers:
             layer = self.cache.layer(i)
             S = layer.stored_length

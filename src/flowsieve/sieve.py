@@ -138,10 +138,7 @@ class Sieve:
             )
         if k >= T:
             return T
-        cfg = obs.model.config
-        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-        n_heads = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        n_heads, n_kv = head_counts(obs.model)
         n_layers = len(obs.attn_modules)
         # only the compressed layers are scored (and accumulated across, in order): sliding-window
         # layers hold a different set of keys
@@ -234,6 +231,14 @@ class Sieve:
             cm = state.pop("cm", None)
             if cm is not None:
                 cm.__exit__(None, None, None)
+
+
+def head_counts(model: Any) -> tuple[int, int]:
+    """(query heads H, key/value heads Hk) of a model's text config."""
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    n_heads = cfg.num_attention_heads
+    return n_heads, getattr(cfg, "num_key_value_heads", None) or n_heads
 
 
 def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:

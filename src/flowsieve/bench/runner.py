@@ -40,6 +40,7 @@ from flowsieve.bench.store import (
     FULL,
     FULL_SITE,
     IDENTITY,
+    MEASURES,
     MODES,
     Store,
     check_choice,
@@ -391,17 +392,7 @@ def run_compressed(
 
 def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
     d = result.to_dict() if isinstance(result, GenResult) else dict(result)
-    keys = (
-        "prompt_tokens",
-        "kept_tokens",
-        "kv_bytes",
-        "kv_bytes_full",
-        "peak_rss_mb",
-        "prefill_s",
-        "decode_tok_s",
-        "new_tokens",
-    )
-    out = {k: d.get(k) for k in keys}
+    out = {k: d.get(k) for k in MEASURES if k not in ("prediction", "score")}
     out["prediction"] = d.get("text", d.get("prediction")) or ""
     extra = dict(d.get("extra") or {})
     if d.get("token_ids") is not None:
