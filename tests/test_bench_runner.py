@@ -301,6 +301,40 @@ def test_real_sieve_on_a_tiny_model(tmp_path):
         assert rows[("recent", 0.0, 120, mode)]["kv_bytes"] < half["kv_bytes"]
 
 
+def test_shared_prefill_sweep_writes_the_same_rows(tmp_path):
+    """--share-prefill: one observed prefill per item and mode, same predictions and kept counts."""
+    model, tok = tiny_loader("tiny")
+    base = dict(
+        model="tiny",
+        methods=["full", "snapkv", "h2o", "streamingllm"],
+        keeps=[0.5, 0.25],
+        tasks=["needle"],
+        lengths=[300],
+        limit=2,
+        modes=["query_aware", "query_agnostic"],
+        max_new_tokens=3,
+        chat=False,
+    )
+    out = {}
+    for share in (False, True):
+        with Store(tmp_path / f"r{share}.sqlite") as store:
+            s = run_sweep(
+                SweepConfig(**base, share_prefill=share), store, model=model, tokenizer=tok, progress=False
+            )
+            assert (s.planned, s.written, s.failed) == (28, 28, 0), store.failures()
+            out[share] = {
+                (r["method"], r["keep"], r["mode"], r["item_id"]): (
+                    r["prediction"],
+                    r["kept_tokens"],
+                    r["kv_bytes"],
+                )
+                for r in store.rows()
+            }
+            shared = [r for r in store.rows() if (r["extra"] or {}).get("shared_prefill")]
+            assert len(shared) == (24 if share else 0)
+    assert out[True] == out[False]
+
+
 def test_run_compressed_goes_through_the_sieve(monkeypatch):
     seen = {}
 

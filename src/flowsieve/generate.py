@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -422,3 +423,149 @@ def prefill_with_sieve(
         "protect_mask": torch.cat([protect, torch.ones(len(tail), dtype=torch.bool)]),
     }
     return cache, logits, extra
+
+
+def merge_specs(specs: Sequence[Any]) -> Any:
+    """One :class:`~flowsieve.observe.ObserveSpec` that records everything each of ``specs`` asks for.
+
+    Flags are or-ed, rows and layers united; the sampling settings (``row_stride``,
+    ``entropy_stride``, ``workers``, ``chunk``) must agree, since they change the recorded values.
+    """
+    if not specs:
+        raise FlowsieveError("no observation specs to merge")
+    first = specs[0]
+    out: dict[str, Any] = {}
+    for f in fields(first):
+        vals = [getattr(s, f.name) for s in specs]
+        if f.name == "rows":
+            out[f.name] = tuple(sorted(set().union(*map(set, vals))))
+        elif f.name == "layers":
+            out[f.name] = (
+                None if any(v is None for v in vals) else tuple(sorted(set().union(*map(set, vals))))
+            )
+        elif isinstance(vals[0], bool):
+            out[f.name] = any(vals)
+        elif len(set(vals)) > 1:
+            raise FlowsieveError(
+                f"the sieves observe with different {f.name} settings ({vals}); run them separately"
+            )
+        else:
+            out[f.name] = vals[0]
+    return replace(first, **out)
+
+
+def generate_many(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    question: str | None,
+    sieves: Sequence[Any],
+    *,
+    mode: str = "query_aware",
+    chat: bool = True,
+    max_new_tokens: int = 32,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+) -> list[GenResult]:
+    """:func:`generate` for several prefill-site sieves on one prompt, sharing one observed prefill.
+
+    The prompt is prefilled once while recording everything the sieves need
+    (:func:`merge_specs`); then each sieve compresses its own copy of the cache, the question
+    follows (query-agnostic mode) and greedy decoding runs. Each result is what ``generate`` with
+    that sieve returns (kept entries, KV bytes, tokens), except for measurement noise and float
+    ties: the shared pass computes attention the way the most demanding sieve needs it (exact
+    chunked scan or stock SDPA), which agree to ~1e-6. Its ``prefill_s`` is the shared forward
+    pass plus this sieve's own scoring, compression and question tail; ``extra["shared_prefill"]``
+    says so, and ``extra["shared_forward_s"]`` gives the shared part. Speed comparisons between
+    methods need :func:`generate`, one method per pass.
+
+    Sieves whose observation rows differ (e.g. Keyformer over all rows) get their own pass.
+    Only the ``prefill`` site without chunking is shared; other sieves raise :class:`FlowsieveError`.
+    """
+    from flowsieve.kvcache import SieveCache
+    from flowsieve.observe import observe
+
+    if max_new_tokens < 1:
+        raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if mode not in ("query_aware", "query_agnostic"):
+        raise FlowsieveError(f"mode must be 'query_aware' or 'query_agnostic', got '{mode}'")
+    for s in sieves:
+        if s.site != "prefill" or s.chunk is not None:
+            raise FlowsieveError("generate_many shares unchunked prefill-site passes only; use generate()")
+    if len({s.window for s in sieves}) > 1:
+        raise FlowsieveError("generate_many needs sieves with the same observation window")
+    prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
+    limit = context_length(model)
+    if limit is not None and len(prompt) + max_new_tokens > limit:
+        raise FlowsieveError(
+            f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
+        )
+    ids = list(prompt.ids)
+    head, tail = (ids[: prompt.split], ids[prompt.split :]) if mode == "query_agnostic" else (ids, [])
+    T = len(head)
+    c0, c1 = prompt.context
+    results: list[GenResult | None] = [None] * len(sieves)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    if not sieves:
+        return []
+    w = min(sieves[0].window, T)
+    win = tuple(range(T - w, T))
+    protect = torch.ones(T, dtype=torch.bool)
+    protect[c0 : min(c1, T)] = False
+    protect[T - w :] = True
+    for j, s in enumerate(sieves):
+        groups.setdefault(tuple(s.observe_spec(win).rows), []).append(j)
+    eos = _eos_ids(model, tokenizer)
+    full_bytes = full_kv_bytes(model, len(prompt), _dtype_bytes(model))
+    for members in groups.values():
+        spec = merge_specs([sieves[j].observe_spec(win) for j in members])
+        base = SieveCache(model)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), observe(model, spec) as obs:
+            logits0 = model(
+                input_ids=torch.tensor([head]), cache=base, use_cache=True, logits_to_keep=1
+            ).logits
+        shared_s = time.perf_counter() - t0
+        for j in members:
+            sieve = sieves[j]
+            rss = _PeakRSS()
+            t1 = time.perf_counter()
+            cache = base.clone()
+            with torch.inference_mode():
+                kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T))
+                logits = logits0
+                if tail:
+                    if len({cache.layer(i).stored_length for i in cache.sieve_layers}) > 1:
+                        for t in tail:
+                            logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
+                    else:
+                        logits = model(
+                            input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1
+                        ).logits
+            own_s = time.perf_counter() - t1
+            kv = kv_bytes(cache)
+            new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, eos)
+            peak = rss.stop()
+            steps = len(new) - 1
+            results[j] = GenResult(
+                text=tokenizer.decode(new, skip_special_tokens=True),
+                token_ids=new,
+                prompt_tokens=len(prompt),
+                kept_tokens=kept + len(tail),
+                kv_bytes=kv,
+                kv_bytes_full=full_bytes,
+                prefill_s=shared_s + own_s,
+                decode_tok_s=steps / dec_s if steps > 0 and dec_s > 0 else 0.0,
+                peak_rss_mb=peak,
+                new_tokens=len(new),
+                extra={
+                    "kept_entries": kept + len(tail),
+                    "compressed_tokens": T,
+                    "protected": int(protect.sum()),
+                    "shared_prefill": True,
+                    "shared_forward_s": round(shared_s, 4),
+                    "own_s": round(own_s, 4),
+                },
+            )
+            del cache
+        del obs, base
+    return [r for r in results if r is not None]

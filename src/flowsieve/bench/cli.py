@@ -84,6 +84,7 @@ def _config(args: argparse.Namespace) -> Any:
         peers=parse_peers(args.peers),
         threads=args.threads,
         chat=not args.no_chat,
+        share_prefill=args.share_prefill,
     )
 
 
@@ -200,6 +201,12 @@ def add_commands(subparsers: Any) -> None:
     )
     b.add_argument("--export", metavar="OUT.csv|OUT.parquet", help="export every row of the store afterwards")
     b.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    b.add_argument(
+        "--share-prefill",
+        action="store_true",
+        help="run the prefill-site cells of an item from one shared observed prefill: same tokens, far "
+        "less time, but prefill_s and peak RSS are then not per method (rows are marked)",
+    )
     b.add_argument("--fail-fast", action="store_true", help="stop at the first cell that fails")
     b.add_argument(
         "--trust-remote-code", action="store_true", help="allow modelling code shipped with a checkpoint"

@@ -110,6 +110,10 @@ class SweepConfig:
         peers: peer system -> its methods (empty: the peer's default methods).
         threads: torch CPU threads per process.
         chat: build prompts with the model's chat template.
+        share_prefill: run the prefill-site cells of one item and mode from one shared observed
+            prefill (:func:`flowsieve.generate.generate_many`): same kept entries and tokens, a
+            fraction of the time, but ``prefill_s`` and peak RSS are then not one method's own
+            (rows say ``extra.shared_prefill``). Off for timing runs.
     """
 
     model: str = "smollm2"
@@ -127,6 +131,7 @@ class SweepConfig:
     peers: Mapping[str, Sequence[str]] = field(default_factory=dict)
     threads: int = 2
     chat: bool = True
+    share_prefill: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -447,6 +452,57 @@ def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, A
     return score_row(job, result)
 
 
+def _shareable(job: Job) -> bool:
+    c = job.cell
+    return c.system == "flowsieve" and not c.is_full and c.site == "prefill"
+
+
+def _share_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Consecutive prefill-site cells of the same item, mode and seed form one group; others alone."""
+    groups: list[list[Job]] = []
+    last: tuple[Any, ...] | None = None
+    for job in jobs:
+        c = job.cell
+        key = (c.task, json.dumps(job.task.params(), sort_keys=True), c.item_id, c.mode, c.seed)
+        key += (c.max_new_tokens,)
+        if _shareable(job) and key == last:
+            groups[-1].append(job)
+            continue
+        groups.append([job])
+        last = key if _shareable(job) else None
+    return groups
+
+
+def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = True) -> list[dict[str, Any]]:
+    """Run prefill-site cells of one item and mode from one shared observed prefill
+    (:func:`flowsieve.generate.generate_many`); returns their scored rows in order."""
+    import torch
+
+    _, sieve_cls = _sieve_class()
+    first = jobs[0]
+    torch.manual_seed(first.cell.seed)
+    sieves = [
+        sieve_cls(
+            j.cell.method,
+            keep=j.cell.keep if j.cell.budget == 0 else None,
+            budget=j.cell.budget or None,
+            site=j.cell.site,
+        )
+        for j in jobs
+    ]
+    results = _gen.generate_many(
+        model,
+        tok,
+        first.item.context,
+        first.item.question,
+        sieves,
+        mode=first.cell.mode,
+        chat=chat,
+        max_new_tokens=first.cell.max_new_tokens,
+    )
+    return [score_row(j, r) for j, r in zip(jobs, results, strict=True)]
+
+
 # --- provenance ------------------------------------------------------------------------------------
 
 
@@ -640,17 +696,30 @@ def run_sweep(
         elif local:
             if model is None:
                 model, tokenizer = loader(config.model)  # type: ignore[misc]
-            for job in local:
-                c = job.cell
-                pbar.set_postfix_str(f"{c.method} {c.site} {c.keep or c.budget} {c.mode}", refresh=False)
-                try:
-                    row = execute(job, model, tokenizer, chat=config.chat)
-                except Exception as e:
-                    writer.failure(c, _describe(e))
-                    if fail_fast:
-                        raise
-                    continue
-                writer.row(row)
+            groups = _share_groups(local) if config.share_prefill else [[j] for j in local]
+            for group in groups:
+                if len(group) > 1:
+                    c = group[0].cell
+                    pbar.set_postfix_str(f"{len(group)} prefill cells, shared, {c.mode}", refresh=False)
+                    try:
+                        rows = execute_shared(group, model, tokenizer, chat=config.chat)
+                    except Exception as e:  # each cell then runs alone and records its own outcome
+                        log.warning("shared prefill failed (%s); running the cells one by one", _describe(e))
+                    else:
+                        for row in rows:
+                            writer.row(row)
+                        continue
+                for job in group:
+                    c = job.cell
+                    pbar.set_postfix_str(f"{c.method} {c.site} {c.keep or c.budget} {c.mode}", refresh=False)
+                    try:
+                        row = execute(job, model, tokenizer, chat=config.chat)
+                    except Exception as e:
+                        writer.failure(c, _describe(e))
+                        if fail_fast:
+                            raise
+                        continue
+                    writer.row(row)
         if peer:
             summary.peer_errors = _run_peers(peer, config, writer)
     finally:
@@ -812,6 +881,7 @@ __all__ = [
     "SweepSummary",
     "check_methods",
     "execute",
+    "execute_shared",
     "plan",
     "run_compressed",
     "run_sweep",
