@@ -13,6 +13,11 @@ is active, records per layer what scorers ask for:
 - key and value norms, and the value-value "semantic" rows FlowCut needs;
 - hidden-state transitions of the attention and MLP blocks (TransPrune's TTV), through forward hooks.
 
+The same function is also the seam of the ``select`` site: inside :func:`select_keys` it asks a
+key selector, per layer and per call, which cached entries the call's queries attend to, gathers
+only those keys and values and runs SDPA on them (the unselected entries cost nothing in the
+attention itself; they stay in the cache).
+
 Shapes: B batch, H query heads, Hk key/value heads, g = H / Hk, q new tokens, L keys (cache + new).
 
 When a signal that needs every query row is requested (``received`` or ``head_stats``), the output
@@ -37,6 +42,11 @@ from flowsieve.errors import FlowsieveError
 
 ATTN_NAME = "flowsieve"
 _ACTIVE: contextvars.ContextVar[Observer | None] = contextvars.ContextVar("flowsieve_observer", default=None)
+# (ids of the attention modules it applies to, selector) while a select_keys block is active
+KeySelector = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], "torch.Tensor | None"]
+_SELECT: contextvars.ContextVar[tuple[frozenset[int], KeySelector] | None] = contextvars.ContextVar(
+    "flowsieve_key_selector", default=None
+)
 _REGISTERED = False
 
 
@@ -269,6 +279,14 @@ def _attention(
 
     obs = _ACTIVE.get()
     idx = getattr(module, "layer_idx", None)
+    sel = _SELECT.get()
+    if sel is not None and id(module) in sel[0]:
+        picked = sel[1](module, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        if picked is not None:
+            if obs is not None and id(module) in obs._module_ids and idx is not None and obs.wants(idx):
+                raise FlowsieveError("observation and key selection cannot run in the same attention call")
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+            key, value, attention_mask = _gather_keys(picked, query, key, value, attention_mask, causal)
     if obs is None or id(module) not in obs._module_ids or idx is None or not obs.wants(idx):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -369,6 +387,50 @@ def _attention(
     if obs.on_layer is not None:
         obs.on_layer(idx)
     return out, None
+
+
+def _gather_keys(
+    picked: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keep only the key slots ``picked`` (n,) of key/value (B, Hk, L, d) and of the mask's columns.
+
+    The mask keeps its meaning: a chunk of q > 1 queries with no mask (a first pass, bottom-right
+    causal over the L keys) gets an explicit causal mask before its columns are gathered.
+    """
+    picked = picked.to(device=key.device, dtype=torch.long)
+    q, L = query.shape[2], key.shape[2]
+    if attention_mask is None and causal and q > 1:
+        rows = torch.arange(L - q, L, device=key.device)[:, None]
+        attention_mask = (torch.arange(L, device=key.device)[None, :] <= rows)[None, None]
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :L].index_select(-1, picked)
+    return key.index_select(2, picked), value.index_select(2, picked), attention_mask
+
+
+@contextlib.contextmanager
+def select_keys(model: nn.Module, selector: KeySelector) -> Iterator[None]:
+    """Inside the block, every attention call of ``model`` attends only to the keys its selector picks.
+
+    ``selector(module, query, key, scaling)`` gets the call's queries (B, H, q, d) and all its keys
+    (B, Hk, L, d) after the cache update, and returns the key slots to attend to, a sorted int
+    tensor (n,) shared by all heads, or None to attend to all L keys. The cache is not changed.
+    The attention implementation is switched to the flowsieve function and restored on exit.
+    """
+    register()
+    ids = frozenset(id(m) for m in attention_modules(model))
+    previous = model.config._attn_implementation
+    token = _SELECT.set((ids, selector))
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        yield
+    finally:
+        _SELECT.reset(token)
+        model.set_attn_implementation(previous)
 
 
 _POOL: Any = None
