@@ -12,6 +12,7 @@ exactly the tokens of ``model.generate(do_sample=False)``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -287,7 +288,10 @@ def generate(
     """Greedy generation with measurements, with or without a sieve.
 
     Args:
-        sieve: a :class:`flowsieve.sieve.Sieve` at the ``prefill`` site, or None for the full context.
+        sieve: a :class:`flowsieve.sieve.Sieve` at the ``prefill``, ``decode`` or ``select`` site, or
+            None for the full context. At the ``select`` site nothing is evicted (``kv_bytes`` and
+            ``kept_tokens`` are the full cache's) and ``extra["attended_entries"]`` is the mean
+            number of entries a full-attention layer attended to per decode step.
         mode: ``"query_aware"`` compresses with the question in the prompt (the observation window
             covers it); ``"query_agnostic"`` compresses the context first and appends the question
             afterwards, as a cache compressed once would serve questions asked later.
@@ -327,7 +331,11 @@ def generate(
         protect = extra.pop("protect_mask")
         evictor = DecodeEvictor(model, cache, sieve, protect, sieve.window)
         step = evictor
-    new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer), step)
+    runtime = extra.pop("select_runtime", None)  # select site: keep selecting while decoding
+    with runtime.active() if runtime is not None else contextlib.nullcontext():
+        new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer), step)
+    if runtime is not None:
+        extra.update(runtime.summary())
     if step is not None:
         extra.update(
             {"evicted": evictor.evicted, "max_stored": evictor.max_stored, "capacity": evictor.capacity}
@@ -365,8 +373,15 @@ def prefill_with_sieve(
     from flowsieve.kvcache import SieveCache
     from flowsieve.observe import observe
 
+    if sieve.site == "select":
+        # nothing is evicted: the select runtime attends to a subset at every later step
+        from flowsieve.select import prefill_select
+
+        return prefill_select(model, prompt, sieve, mode)
     if sieve.site not in ("prefill", "decode"):
-        raise FlowsieveError(f"generate() runs sieves at the prefill and decode sites, not '{sieve.site}'")
+        raise FlowsieveError(
+            f"generate() runs sieves at the prefill, decode and select sites, not '{sieve.site}'"
+        )
     ids = list(prompt.ids)
     if mode == "query_agnostic":
         head = ids[: prompt.split]

@@ -94,7 +94,9 @@ class Sieve:
 
     def capacity(self, seen_tokens: int) -> int:
         """Entries a ``decode``-site cache holds at most after ``seen_tokens`` tokens: the budget
-        (a fixed size, for endless streams), or keep x the tokens seen so far (keep = 1 never evicts)."""
+        (a fixed size, for endless streams), or keep x the tokens seen so far (keep = 1 never evicts).
+        At the ``select`` site: the entries an attention call attends to when ``seen_tokens`` are
+        cached (keep = 1 attends to all)."""
         if self.budget is not None:
             return self.budget
         assert self.keep is not None
@@ -162,7 +164,9 @@ class Sieve:
 
         A prefill call (no cache, or an empty one) gets a :class:`~flowsieve.kvcache.SieveCache`
         that is compressed right after the forward pass; at the ``decode`` site every later step
-        is observed and the cache kept within :meth:`capacity`. Protected: the observation window
+        is observed and the cache kept within :meth:`capacity`. At the ``select`` site the cache
+        is left whole and every later forward pass attends, per full-attention layer, to the
+        entries the method picks (:mod:`flowsieve.select`). Protected: the observation window
         (the last ``window`` prompt tokens) and the last ``protect_last`` tokens (e.g. a question
         longer than the window). Batch size 1 only. Hooks are always removed on exit.
         """
@@ -171,12 +175,19 @@ class Sieve:
         from flowsieve.observe import observe
 
         site = site or self.site
-        if site not in ("prefill", "decode"):
-            raise FlowsieveError(f"Sieve.on supports the prefill and decode sites, not '{site}'")
+        if site not in ("prefill", "decode", "select"):
+            raise FlowsieveError(f"Sieve.on supports the prefill, decode and select sites, not '{site}'")
         if site not in self.scorer.sites:
             raise FlowsieveError(
                 f"method '{self.method}' does not support site '{site}' (it supports: {', '.join(self.scorer.sites)})"
             )
+        if site == "select":
+            # every forward pass selects keys (a first pass over an empty cache attends to all)
+            from flowsieve.select import SelectRuntime
+
+            with SelectRuntime(model, self).active():
+                yield self
+            return
         if self.chunk is not None:
             raise FlowsieveError("chunked prefill runs through flowsieve.generate.generate, not Sieve.on")
         state: dict[str, Any] = {}

@@ -114,3 +114,55 @@ def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
     else:
         out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=False)
     return out[..., : shape[-1]].reshape(shape)
+
+
+class KeySelectMethod(KVScorer):
+    """A method of the ``select`` site: the cache keeps every entry, and each attention call of a
+    full-attention layer attends only to the entries :meth:`select` picks (the runtime is
+    :mod:`flowsieve.select`).
+
+    Shapes: query (1, H, q, d) are the call's q queries; key (1, Hk, N, d) are all N cached keys
+    after the cache update (the q new ones last, slot = token index). Batch size 1.
+    """
+
+    sites: ClassVar[tuple[str, ...]] = ("select",)
+
+    def new_state(self) -> Any:
+        """Per-sequence state (reset when a new sequence is prefilled)."""
+        return None
+
+    def observe(self, state: Any, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """See every call of a full-attention layer (also those that attend to all keys)."""
+
+    def select(
+        self,
+        state: Any,
+        layers: tuple[int, ...],
+        rank: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        budget: int,
+    ) -> torch.Tensor:
+        """Key slots the call attends to, sorted int64 (n,), shared by all heads.
+
+        Args:
+            layers: the full-attention layers, in the order they run; ``layers[rank]`` is this one.
+            budget: entries to attend to at this call (< N; the runtime attends to all otherwise).
+        """
+        raise NotImplementedError
+
+    def summary(self, state: Any) -> dict[str, Any]:
+        """Method-specific counters for the generation result."""
+        return {}
+
+
+def span_index(n_init: int, picked: torch.Tensor, local_from: int, n: int) -> torch.Tensor:
+    """Sorted slots ``[0, n_init) + picked + [local_from, n)``; ``picked`` lies in [n_init, local_from)."""
+    dev = picked.device
+    return torch.cat(
+        [
+            torch.arange(n_init, device=dev),
+            picked.to(torch.long).sort().values,
+            torch.arange(local_from, n, device=dev),
+        ]
+    )
