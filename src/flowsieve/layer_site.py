@@ -390,6 +390,8 @@ def _prune_for(
         raise FlowsieveError(f"method '{sieve.method}' does not support the layer site")
     if sieve.keep is None:
         raise FlowsieveError("the layer site takes keep (a share of the context), not a token budget")
+    if sieve.chunk is not None:
+        raise FlowsieveError("the layer site prunes one whole prefill pass; chunked prefill is not supported")
     scorer.check_layer_options()
     protect = ~context.clone()
     protect[relay] = True

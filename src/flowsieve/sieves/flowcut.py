@@ -11,10 +11,21 @@ Deviations from the paper (written for visual tokens in a ViT and one LLM layer)
 window of text queries instead of CLS / the last instruction token; pruning is one-shot per layer
 of the KV cache instead of progressive inside the ViT; the entropy-adaptive count is not used
 (every layer keeps the same number of entries, which multi-token chunks after compression need).
+
+At the ``layer`` site this is FlowCut's LLM stage: before layer ``layer`` (default 2) the context
+tokens are ranked by the flow score of the prompt's last token (the relay) at layer ``layer - 1``,
+``(rel + sem) * ||mean_h v||_1`` with ``rel`` and ``sem`` softmaxes over the candidate span per head
+(the full-row probabilities renormalised over the candidates, which is the same thing), averaged
+over heads; the best ``round(n * keep)`` context tokens stay in the residual stream. Deviations: the
+official code scores and prunes inside layer 1's attention (layer 1 is FlowCut's ``prune_layer``)
+and renumbers the positions of the kept tokens; here layer ``layer - 1`` runs on all tokens, they
+leave before layer ``layer``, and the kept tokens keep their original positions. No EMA and no
+entropy-adaptive count (one stage with an exact count, as in the LLM stage).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,22 +33,32 @@ import torch
 from flowsieve.errors import FlowsieveError
 from flowsieve.observe import LayerObs
 from flowsieve.scorers.flow import flowcut_score
-from flowsieve.sieves.base import METHODS, KVScorer, ScoreContext
+from flowsieve.sieves.base import METHODS, ScoreContext
+from flowsieve.sieves.layer import LayerContext, LayerPruner, Stage, normalise_over, relay_rows, score_layer
 
 
 @METHODS.register("flowcut")
 @dataclass
-class FlowCutScorer(KVScorer):
-    """Relay flow with value-norm weighting, EMA over layers. Attributes: ema (weight of the new layer)."""
+class FlowCutScorer(LayerPruner):
+    """Relay flow with value-norm weighting, EMA over layers.
+
+    Attributes:
+        ema: weight of the new layer in the EMA (prefill site).
+        layer: the prune layer at the layer site (>= 1); layer ``layer - 1`` scores.
+    """
 
     name = "flowcut"
     paper = "Tong et al. 2025, FlowCut, arXiv 2505.19536"
+    sites = ("prefill", "layer")
     needs = ("rows",)
     ema: float = 0.5
+    layer: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.ema <= 1:
             raise FlowsieveError(f"flowcut: ema must be in (0, 1], got {self.ema}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise FlowsieveError(f"flowcut: layer must be an integer >= 1, got {self.layer!r}")
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         T = ctx.n_tokens
@@ -53,3 +74,19 @@ class FlowCutScorer(KVScorer):
             acc = s if acc is None else (1 - self.ema) * acc + self.ema * s
             out.append(acc)
         return out
+
+    def layer_plan(self, n_layers: int, keep: float) -> list[Stage]:
+        return [(self.layer, keep)]
+
+    def layer_score(
+        self, seen: Mapping[int, LayerObs], ctx: LayerContext, carry: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        obs = seen[score_layer(ctx.layer, ctx.layer_types)]
+        p = ctx.relay[-1]
+        if obs.value_l1 is None or p not in obs.vv_rows:
+            raise FlowsieveError("flowcut: the relay's value rows were not recorded")
+        cand = ctx.candidates
+        # per head, the softmax over the span: (B, H, n) and (B, Hk, n)
+        rel = normalise_over(relay_rows(obs, (p,))[:, :, 0], cand)
+        sem = normalise_over(obs.vv_rows[p].float(), cand)
+        return flowcut_score(rel, sem, obs.value_l1.float(), cand), None

@@ -37,16 +37,41 @@ Layers then hold different numbers of entries: a multi-token forward on top of t
 cache is not possible (transformers builds one mask for all layers), so a continuation is fed one
 token at a time (:func:`flowsieve.generate.prefill_with_sieve` does this), and a chunked prefill,
 which compresses again after every chunk, cannot use a pyramid (``per_layer_budgets`` says so).
+
+At the ``layer`` site this is PyramidDrop's staged token drop itself (and AdaToken-3D's released
+pruner): the layers are split into ``stages`` equal groups; before the first layer of group ``s``
+(layer ``round(s * L / stages)``, or the given ``prune_layers``) the context is cut to
+``keep ** (s / (stages - 1))`` of its tokens, so every stage keeps the same fraction ``lambda`` of the
+previous one (PyramidDrop's lambda, here ``keep ** (1 / (stages - 1))`` so that the last stage keeps
+``keep``; ``keep = 0.125`` with 4 stages gives the paper's lambda = 0.5 at layers 8/16/24 of 32).
+The rank is the attention of the prompt's last token, averaged over heads (PyramidDrop's last
+instruction token). Deviations: the row comes from the layer before the prune layer (or the last
+full-attention layer below it) instead of being recomputed with the prune layer's own projections,
+and the kept tokens keep their original positions (PyramidDrop renumbers them). The prefill-site
+options ``schedule="linear"``, ``beta``, ``ratio``, ``stage_weights``, ``kernel`` and ``pooling``
+have no meaning here and are refused.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from flowsieve.errors import FlowsieveError
+from flowsieve.observe import LayerObs
 from flowsieve.sieves.base import METHODS
+from flowsieve.sieves.layer import (
+    LayerContext,
+    LayerPruner,
+    Stage,
+    check_prune_layers,
+    last_row_score,
+    merge_stages,
+)
 from flowsieve.sieves.snapkv import SnapKVScorer
 
 SCHEDULES = ("linear", "staged")
@@ -124,15 +149,18 @@ def allocate(total: int, weights: list[float], lo: int, hi: int) -> list[int]:
 
 @METHODS.register("pyramid")
 @dataclass
-class PyramidScorer(SnapKVScorer):
-    """SnapKV scores with a pyramid of per-layer budgets whose mean is the sieve's budget.
+class PyramidScorer(SnapKVScorer, LayerPruner):
+    """SnapKV scores with a pyramid of per-layer budgets whose mean is the sieve's budget; at the
+    layer site, PyramidDrop's staged token drop.
 
     Attributes:
-        schedule: ``"linear"`` (PyramidKV) or ``"staged"`` (PyramidDrop / AdaToken-3D).
+        schedule: ``"linear"`` (PyramidKV) or ``"staged"`` (PyramidDrop / AdaToken-3D); None =
+            linear at the prefill site, staged at the layer site.
         beta: PyramidKV's shape: the top layer keeps ``1/beta`` of the mean compressible budget.
         stages / ratio: PyramidDrop's stage count and per-stage decay (``staged`` only).
         stage_weights: explicit per-stage weights (``staged`` only; overrides stages and ratio).
         kernel / pooling: SnapKV's pooling of the window attention.
+        prune_layers: layer site: the prune layers (None = ``round(s * L / stages)``, s = 1..stages-1).
     """
 
     name = "pyramid"
@@ -142,15 +170,17 @@ class PyramidScorer(SnapKVScorer):
         "Cai et al. 2024, PyramidKV, arXiv 2406.02069 (staged: Xing et al. 2025, PyramidDrop, "
         "arXiv 2410.17247; AdaToken-3D, arXiv 2505.12782)"
     )
-    schedule: str = "linear"
+    sites = ("prefill", "layer")
+    schedule: str | None = None
     beta: float = 20.0
     stages: int = 4
     ratio: float = 0.5
     stage_weights: tuple[float, ...] | None = None
+    prune_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise FlowsieveError(f"pyramid: schedule must be one of {SCHEDULES}, got '{self.schedule}'")
         if not self.beta >= 1:
             raise FlowsieveError(f"pyramid: beta must be >= 1, got {self.beta}")
@@ -163,10 +193,13 @@ class PyramidScorer(SnapKVScorer):
             if not ws or any(not (w > 0 and math.isfinite(w)) for w in ws):
                 raise FlowsieveError("pyramid: stage_weights must be a non-empty list of numbers > 0")
             self.stage_weights = ws
+        if self.prune_layers is not None:
+            self.prune_layers = check_prune_layers("pyramid", self.prune_layers)
 
     def weights(self, n: int) -> list[float]:
         """This scorer's relative budgets of ``n`` layers (lowest first, mean 1)."""
-        return layer_weights(n, self.schedule, self.beta, self.stages, self.ratio, self.stage_weights)
+        schedule = self.schedule or "linear"
+        return layer_weights(n, schedule, self.beta, self.stages, self.ratio, self.stage_weights)
 
     def budgets(self, k: int, n_protected: int, n_tokens: int, layers: list[int]) -> dict[int, int]:
         if not layers:
@@ -176,3 +209,33 @@ class PyramidScorer(SnapKVScorer):
         order = sorted(layers)
         free = allocate((k - n_protected) * len(order), self.weights(len(order)), 0, n_tokens - n_protected)
         return {layer: n_protected + c for layer, c in zip(order, free)}
+
+    # ---------------------------------------------------------------------------------- layer site
+
+    def check_layer_options(self) -> None:
+        defaults = {"beta": 20.0, "ratio": 0.5, "stage_weights": None, "kernel": 5, "pooling": "avg"}
+        bad = [k for k, v in defaults.items() if getattr(self, k) != v]
+        if self.schedule == "linear":
+            bad.insert(0, "schedule")
+        if bad:
+            raise FlowsieveError(
+                f"pyramid at the layer site is PyramidDrop's staged drop (per-stage ratio keep ** "
+                f"(1 / (stages - 1))); {', '.join(bad)} apply to the prefill site only"
+            )
+        if self.prune_layers is None and self.stages < 2:
+            raise FlowsieveError("pyramid: the layer site needs stages >= 2 (or prune_layers)")
+
+    def layer_plan(self, n_layers: int, keep: float) -> list[Stage]:
+        if self.prune_layers is not None:
+            layers = list(self.prune_layers)
+        else:
+            layers = [
+                min(max(round(s * n_layers / self.stages), 1), n_layers - 1) for s in range(1, self.stages)
+            ]
+        m = len(layers)
+        return merge_stages([(k, keep ** ((s + 1) / m)) for s, k in enumerate(layers)])
+
+    def layer_score(
+        self, seen: Mapping[int, LayerObs], ctx: LayerContext, carry: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return last_row_score(seen, ctx), None
