@@ -267,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--question", help="asked after the context; never evicted")
     g.add_argument("--agnostic", action="store_true", help="compress before the question is seen")
     g.add_argument("--sieve", help="method name (flowsieve ls), or 'full' for no compression")
-    g.add_argument("--site", default="prefill", help="prefill (default)")
+    g.add_argument(
+        "--site",
+        default="prefill",
+        help="prefill (default), decode, select or layer (`flowsieve ls` lists each method's sites)",
+    )
     g.add_argument("--keep", type=float, default=0.25, help="share of KV entries to keep (default 0.25)")
     g.add_argument("--budget", type=int, help="entries to keep instead of --keep")
     g.add_argument("--window", type=int, default=32, help="observation window, always kept")

@@ -288,10 +288,13 @@ def generate(
     """Greedy generation with measurements, with or without a sieve.
 
     Args:
-        sieve: a :class:`flowsieve.sieve.Sieve` at the ``prefill``, ``decode`` or ``select`` site, or
-            None for the full context. At the ``select`` site nothing is evicted (``kv_bytes`` and
+        sieve: a :class:`flowsieve.sieve.Sieve` at the ``prefill``, ``decode``, ``select`` or ``layer``
+            site, or None for the full context. At the ``select`` site nothing is evicted (``kv_bytes`` and
             ``kept_tokens`` are the full cache's) and ``extra["attended_entries"]`` is the mean
-            number of entries a full-attention layer attended to per decode step.
+            number of entries a full-attention layer attended to per decode step. At the ``layer``
+            site context tokens leave the residual stream inside the model during prefill
+            (:mod:`flowsieve.layer_site`); ``kept_tokens`` is the stream after the last prune layer
+            and ``extra["stages"]`` gives, per prune layer, the context tokens kept and the tokens left.
         mode: ``"query_aware"`` compresses with the question in the prompt (the observation window
             covers it); ``"query_agnostic"`` compresses the context first and appends the question
             afterwards, as a cache compressed once would serve questions asked later.
@@ -332,8 +335,12 @@ def generate(
         evictor = DecodeEvictor(model, cache, sieve, protect, sieve.window)
         step = evictor
     runtime = extra.pop("select_runtime", None)  # select site: keep selecting while decoding
+    # layer site: the pruned cache's layers hold different tokens; decode with per-layer masks
+    layer_runtime = extra.pop("layer_runtime", None)
     with runtime.active() if runtime is not None else contextlib.nullcontext():
-        new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer), step)
+        with layer_runtime.active() if layer_runtime is not None else contextlib.nullcontext():
+            eos = _eos_ids(model, tokenizer)
+            new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, eos, step)
     if runtime is not None:
         extra.update(runtime.summary())
     if step is not None:
@@ -378,9 +385,14 @@ def prefill_with_sieve(
         from flowsieve.select import prefill_select
 
         return prefill_select(model, prompt, sieve, mode)
+    if sieve.site == "layer":
+        # context tokens leave the residual stream inside the model (extra["stages"]: kept per stage)
+        from flowsieve.layer_site import prefill_layer_site
+
+        return prefill_layer_site(model, prompt, sieve, mode)
     if sieve.site not in ("prefill", "decode"):
         raise FlowsieveError(
-            f"generate() runs sieves at the prefill, decode and select sites, not '{sieve.site}'"
+            f"generate() runs sieves at the prefill, decode, select and layer sites, not '{sieve.site}'"
         )
     ids = list(prompt.ids)
     if mode == "query_agnostic":

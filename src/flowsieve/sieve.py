@@ -20,6 +20,7 @@ import torch
 from flowsieve.errors import FlowsieveError, did_you_mean
 from flowsieve.observe import Observer, ObserveSpec
 from flowsieve.sieves import METHODS, KVScorer, ScoreContext
+from flowsieve.sieves.layer import LayerPruner
 
 SITES = ("prefill", "decode", "select", "layer", "prompt")
 
@@ -76,10 +77,19 @@ class Sieve:
             raise FlowsieveError(
                 f"method '{self.method}' gives layers different budgets; chunked prefill needs equal ones"
             )
+        if self.site == "layer" and (self.budget is not None or self.chunk is not None):
+            raise FlowsieveError(
+                "the layer site takes keep (a share of the context) and prunes one whole prefill: "
+                "no budget, no chunk"
+            )
         try:
             self.scorer: KVScorer = cls(**self.options)
         except TypeError as e:
             raise FlowsieveError(f"bad option for method '{self.method}': {e}") from None
+        if self.site == "layer":
+            if not isinstance(self.scorer, LayerPruner):
+                raise FlowsieveError(f"method '{self.method}' lists the layer site but cannot prune layers")
+            self.scorer.check_layer_options()
 
     def target(self, n_tokens: int) -> int:
         """Entries to keep per layer for a prompt of ``n_tokens``."""
@@ -166,7 +176,10 @@ class Sieve:
         that is compressed right after the forward pass; at the ``decode`` site every later step
         is observed and the cache kept within :meth:`capacity`. At the ``select`` site the cache
         is left whole and every later forward pass attends, per full-attention layer, to the
-        entries the method picks (:mod:`flowsieve.select`). Protected: the observation window
+        entries the method picks (:mod:`flowsieve.select`). At the ``layer`` site the prefill pass
+        drops context tokens between decoder layers (:mod:`flowsieve.layer_site`; the last
+        ``protect_last`` tokens are not context) and later passes run with the pruned cache's
+        per-layer masks. Protected: the observation window
         (the last ``window`` prompt tokens) and the last ``protect_last`` tokens (e.g. a question
         longer than the window). Batch size 1 only. Hooks are always removed on exit.
         """
@@ -175,8 +188,10 @@ class Sieve:
         from flowsieve.observe import observe
 
         site = site or self.site
-        if site not in ("prefill", "decode", "select"):
-            raise FlowsieveError(f"Sieve.on supports the prefill, decode and select sites, not '{site}'")
+        if site not in ("prefill", "decode", "select", "layer"):
+            raise FlowsieveError(
+                f"Sieve.on supports the prefill, decode, select and layer sites, not '{site}'"
+            )
         if site not in self.scorer.sites:
             raise FlowsieveError(
                 f"method '{self.method}' does not support site '{site}' (it supports: {', '.join(self.scorer.sites)})"
@@ -186,6 +201,13 @@ class Sieve:
             from flowsieve.select import SelectRuntime
 
             with SelectRuntime(model, self).active():
+                yield self
+            return
+        if site == "layer":
+            # the prefill pass drops context tokens inside the model; later passes get per-layer masks
+            from flowsieve.layer_site import attach
+
+            with attach(model, self, protect_last):
                 yield self
             return
         if self.chunk is not None:
