@@ -284,6 +284,9 @@ class LayerRuntime:
         self._positions: torch.Tensor | None = None  # (q,) absolute positions of the forward's tokens
         self._stream: torch.Tensor | None = None  # forward indices of the tokens in the stream (None = all)
         self._stage = 0
+        # masks of layers with an empty cache depend only on the stream and the window: built once
+        # per stage and window in a forward pass (as transformers builds one mask per layer type)
+        self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[LayerRuntime]:
@@ -312,6 +315,7 @@ class LayerRuntime:
             self._positions = pid[0].to(torch.long)
             self._stream = None
             self._stage = 0
+            self._masks = {}
             if self.prune is not None and self.prune.obs is not None:
                 self.prune.obs.spec.rows = self.prune.rows(None)
         assert self._positions is not None
@@ -338,7 +342,13 @@ class LayerRuntime:
             kwargs["position_ids"] = pos[None]
         layer = self.cache.layers[i]
         assert isinstance(layer, PositionedLayer)
-        kwargs["attention_mask"] = positional_mask(layer, pos)
+        if layer.stored_length == 0:
+            key = (self._stage, layer.sliding_window)
+            if key not in self._masks:
+                self._masks[key] = positional_mask(layer, pos)
+            kwargs["attention_mask"] = self._masks[key]
+        else:
+            kwargs["attention_mask"] = positional_mask(layer, pos)
         layer.incoming = pos
         if args:
             args = (h, *args[1:])

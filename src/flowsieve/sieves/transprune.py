@@ -46,7 +46,7 @@ positions (the paper renumbers them).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -176,10 +176,10 @@ class TransPruneScorer(LayerPruner):
         # the last fraction is 1: that stage keeps exactly `keep`
         return merge_stages([(k, keep if f == 1 else 1 - (1 - keep) * f) for k, f in zip(layers, fracs)])
 
-    def _ttv_start(self, plan: tuple[Stage, ...] | list[Stage]) -> int:
+    def _ttv_start(self, plan: Sequence[Stage]) -> int:
         return max(self.ttv_from, plan[0][0] - 1)
 
-    def layer_observe(self, plan: list[Stage], layer_types: list[str] | tuple[str, ...]) -> ObserveSpec:
+    def layer_observe(self, plan: Sequence[Stage], layer_types: Sequence[str]) -> ObserveSpec:
         ttv_layers = range(self._ttv_start(plan), plan[-1][0])
         layers = set(self.score_layers(plan, layer_types)) | set(ttv_layers)
         return ObserveSpec(layers=tuple(sorted(layers)), transitions=True, slots=True)
