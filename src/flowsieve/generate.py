@@ -416,7 +416,7 @@ def prefill_with_sieve(
     for a in range(0, T, size):
         b = min(a + size, T)
         win = tuple(range(max(0, b - w), b))
-        with observe(model, sieve.observe_spec(win)) as obs:
+        with observe(model, sieve.observe_spec(win, cache.sieve_layers)) as obs:
             logits = model(
                 input_ids=torch.tensor([head[a:b]]), cache=cache, use_cache=True, logits_to_keep=1
             ).logits
@@ -539,12 +539,13 @@ def generate_many(
     protect = torch.ones(T, dtype=torch.bool)
     protect[c0 : min(c1, T)] = False
     protect[T - w :] = True
+    layers = SieveCache(model).sieve_layers
     for j, s in enumerate(sieves):
-        groups.setdefault(tuple(s.observe_spec(win).rows), []).append(j)
+        groups.setdefault(tuple(s.observe_spec(win, layers).rows), []).append(j)
     eos = _eos_ids(model, tokenizer)
     full_bytes = full_kv_bytes(model, len(prompt), _dtype_bytes(model))
     for members in groups.values():
-        spec = merge_specs([sieves[j].observe_spec(win) for j in members])
+        spec = merge_specs([sieves[j].observe_spec(win, layers) for j in members])
         base = SieveCache(model)
         t0 = time.perf_counter()
         with torch.inference_mode(), observe(model, spec) as obs:

@@ -11,7 +11,7 @@ cache. Kept keys keep their original positions; later tokens get absolute positi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +112,14 @@ class Sieve:
         assert self.keep is not None
         return max(1, round(self.keep * seen_tokens))
 
-    def observe_spec(self, window: tuple[int, ...]) -> ObserveSpec:
+    def observe_spec(self, window: tuple[int, ...], layers: Sequence[int] | None = None) -> ObserveSpec:
+        """What to observe for a compression scored at ``window``; ``layers``: only these layers
+        (the cache's compressible ones: sliding-window layers are never scored, so observing them
+        would be wasted work)."""
         spec = self.scorer.spec(window)
         spec.slots = True  # the cache may already be compressed: index keys by slot
+        if layers is not None:
+            spec.layers = tuple(layers)
         return spec
 
     def compress(
@@ -231,7 +236,7 @@ class Sieve:
                 kwargs.pop("past_key_values", None)
                 kwargs["cache"] = new
                 kwargs["use_cache"] = True
-                cm = observe(model, self.observe_spec(window))
+                cm = observe(model, self.observe_spec(window, new.sieve_layers))
                 state.update(
                     cm=cm, obs=cm.__enter__(), phase="prefill", cache=new, protect=protect, window=window
                 )
