@@ -23,7 +23,7 @@ import flowsieve.generate as gen
 from flowsieve import FlowsieveError
 from flowsieve.bench import runner
 from flowsieve.bench.cli import parse_params, parse_peers
-from flowsieve.bench.runner import SweepConfig, plan, run_sweep
+from flowsieve.bench.runner import SweepConfig, check_methods, plan, run_sweep
 from flowsieve.bench.store import FULL, IDENTITY, Store
 from flowsieve.generate import GenResult
 
@@ -76,7 +76,7 @@ def fake_generate(model, tok, context, question=None, *, chat=True, max_new_toke
     return _result(needle_answer(context, question), len(context.split()), 1.0)
 
 
-def fake_run_compressed(model, tok, item, method, site, keep, budget, mode, max_new_tokens, *, chat=True):
+def fake_run_compressed(model, tok, item, method, site, keep, budget, mode, max_new_tokens, *, chat=True, **kw):
     """A sieve that finds the needle when it keeps at least a quarter of the context."""
     CALLS.append((method, site, str(keep), str(budget), mode))
     time.sleep(SLEEP["s"])
@@ -333,6 +333,40 @@ def test_shared_prefill_sweep_writes_the_same_rows(tmp_path):
             shared = [r for r in store.rows() if (r["extra"] or {}).get("shared_prefill")]
             assert len(shared) == (24 if share else 0)
     assert out[True] == out[False]
+
+
+@pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])
+def test_prompt_site_compresses_then_answers(tmp_path, mode):
+    """The prompt site: a prompt scorer shortens the context, the model answers the shorter prompt."""
+    model, tok = tiny_loader("tiny")
+    cfg = SweepConfig(
+        model="tiny",
+        methods=["lexrank"],
+        sites=["prompt"],
+        keeps=[0.5],
+        tasks=["needle"],
+        lengths=[300],
+        limit=1,
+        modes=[mode],
+        max_new_tokens=3,
+        chat=False,
+    )
+    with Store(tmp_path / "r.sqlite") as store:
+        s = run_sweep(cfg, store, model=model, tokenizer=tok, progress=False)
+        assert (s.planned, s.written, s.failed) == (2, 2, 0), store.failures()
+        rows = {r["method"]: r for r in store.rows()}
+    full, comp = rows[FULL], rows["lexrank"]
+    assert comp["site"] == "prompt" and comp["prompt_tokens"] == full["prompt_tokens"]
+    assert comp["kept_tokens"] < 0.7 * full["prompt_tokens"]
+    assert comp["kv_bytes"] < 0.7 * comp["kv_bytes_full"] and comp["kv_bytes_full"] == full["kv_bytes"]
+    assert 0.4 < comp["extra"]["compress_ratio"] < 0.6 and comp["extra"]["compress_s"] >= 0
+
+
+def test_prompt_site_rejects_kv_methods_and_budgets():
+    with pytest.raises(FlowsieveError, match=r"not a prompt scorer.*did you mean"):
+        check_methods(SweepConfig(methods=["selfinf"], sites=["prompt"]))
+    with pytest.raises(FlowsieveError, match="keep ratios"):
+        check_methods(SweepConfig(methods=["lexrank"], sites=["prompt"], keeps=[], budgets=[100]))
 
 
 def test_run_compressed_goes_through_the_sieve(monkeypatch):

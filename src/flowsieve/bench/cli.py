@@ -85,6 +85,7 @@ def _config(args: argparse.Namespace) -> Any:
         threads=args.threads,
         chat=not args.no_chat,
         share_prefill=args.share_prefill,
+        compressor=args.compressor,
     )
 
 
@@ -201,6 +202,11 @@ def add_commands(subparsers: Any) -> None:
     )
     b.add_argument("--export", metavar="OUT.csv|OUT.parquet", help="export every row of the store afterwards")
     b.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    b.add_argument(
+        "--compressor",
+        metavar="MODEL",
+        help="the model that scores tokens at the prompt site (default: --model); --model answers",
+    )
     b.add_argument(
         "--share-prefill",
         action="store_true",

@@ -114,6 +114,8 @@ class SweepConfig:
             prefill (:func:`flowsieve.generate.generate_many`): same kept entries and tokens, a
             fraction of the time, but ``prefill_s`` and peak RSS are then not one method's own
             (rows say ``extra.shared_prefill``). Off for timing runs.
+        compressor: the model that scores tokens at the ``prompt`` site (None: the sweep's model);
+            the compressed prompt is then answered by ``model``.
     """
 
     model: str = "smollm2"
@@ -132,6 +134,7 @@ class SweepConfig:
     threads: int = 2
     chat: bool = True
     share_prefill: bool = False
+    compressor: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -338,12 +341,23 @@ def check_methods(config: SweepConfig) -> None:
         raise FlowsieveError(f"method '{others[0]}' is not available: {e}; only '{FULL}' runs") from None
     registry = _method_registry(module)
     for method in others:
-        if registry is not None and method not in registry:
+        if registry is not None and method not in registry and config.sites != ("prompt",):
             known = [FULL, *registry]
             raise FlowsieveError(
                 f"unknown method '{method}'{did_you_mean(method, known)}; known: {', '.join(known)}"
             )
         for site in config.sites:
+            if site == "prompt":
+                from flowsieve.prompt import SCORERS
+
+                if method not in SCORERS:
+                    raise FlowsieveError(
+                        f"'{method}' is not a prompt scorer{did_you_mean(method, list(SCORERS))}; "
+                        f"prompt scorers: {', '.join(SCORERS)}"
+                    )
+                if config.budgets:
+                    raise FlowsieveError("the prompt site takes keep ratios (--keep), not token budgets")
+                continue
             keep = config.keeps[0] if config.keeps else None
             budget = None if config.keeps else config.budgets[0]
             try:
@@ -368,12 +382,18 @@ def run_compressed(
     max_new_tokens: int,
     *,
     chat: bool = True,
+    compressor: str | None = None,
 ) -> GenResult:
-    """One compressed generation through the :class:`flowsieve.sieve.Sieve` facade.
+    """One compressed generation through the :class:`flowsieve.sieve.Sieve` facade (or, at the
+    ``prompt`` site, :func:`flowsieve.prompt.compress_prompt` followed by a plain generation).
 
     ``keep`` is None for a budget cell and ``budget`` None for a keep cell. Raises
     :class:`FlowsieveError` when the method cannot run; never falls back to the full context.
     """
+    if site == "prompt":
+        return run_prompt_site(
+            model, tok, item, method, keep, mode, max_new_tokens, chat=chat, compressor=compressor
+        )
     try:
         _, sieve_cls = _sieve_class()
     except FlowsieveError as e:
@@ -393,6 +413,66 @@ def run_compressed(
         sieve=sieve,
         mode=mode,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _compressor(name: str) -> tuple[Any, Any]:
+    from flowsieve.models import load
+
+    return load(name)
+
+
+def run_prompt_site(
+    model: Any,
+    tok: Any,
+    item: Item,
+    scorer: str,
+    keep: float | None,
+    mode: str,
+    max_new_tokens: int,
+    *,
+    chat: bool = True,
+    compressor: str | None = None,
+) -> GenResult:
+    """Compress the item's context with a prompt scorer, then answer the shorter prompt with ``model``.
+
+    Query-aware: the scorer sees the question (it is never cut); query-agnostic: the context is
+    compressed alone. ``keep`` is the share of the compressor's tokens of context + question
+    (:func:`flowsieve.prompt.compress_prompt`). The row's ``prefill_s`` includes the compression
+    time (time to first token); ``prompt_tokens`` and ``kv_bytes_full`` are the uncompressed
+    prompt's, ``kept_tokens`` and ``kv_bytes`` the compressed one's.
+    """
+    from flowsieve.prompt import compress_prompt
+
+    if keep is None:
+        raise FlowsieveError("the prompt site takes keep ratios, not token budgets")
+    cmodel, ctok = (model, tok) if compressor is None else _compressor(compressor)
+    question = item.question if mode == "query_aware" else None
+    cp = compress_prompt(
+        item.context, scorer=scorer, keep=keep, question=question, model=cmodel, tokenizer=ctok
+    )
+    context = cp.text
+    if question is not None:
+        q = question.strip()
+        if not context.rstrip().endswith(q):
+            raise FlowsieveError("the compressed prompt does not end with the question")
+        context = context.rstrip()[: -len(q)].rstrip()
+    if not context.strip():
+        raise FlowsieveError(f"{scorer} kept nothing of the context at keep {keep}")
+    result = _gen.generate(model, tok, context, item.question, chat=chat, max_new_tokens=max_new_tokens)
+    full = _gen.build_prompt(tok, item.context, item.question, chat=chat)
+    result.kv_bytes_full = _gen.full_kv_bytes(model, len(full), _gen._dtype_bytes(model))
+    result.kept_tokens = result.prompt_tokens
+    result.prompt_tokens = len(full)
+    result.prefill_s += cp.seconds
+    result.extra.update(
+        {
+            "compress_s": round(cp.seconds, 4),
+            "compress_ratio": round(cp.ratio, 4),
+            "compressor": compressor or "(the answering model)",
+        }
+    )
+    return result
 
 
 def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
@@ -426,7 +506,9 @@ def score_row(job: Job, result: GenResult | Mapping[str, Any]) -> dict[str, Any]
     return row
 
 
-def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, Any]:
+def execute(
+    job: Job, model: Any, tok: Any, *, chat: bool = True, compressor: str | None = None
+) -> dict[str, Any]:
     """Run one flowsieve cell (full or compressed) and return its scored row."""
     import torch
 
@@ -448,6 +530,7 @@ def execute(job: Job, model: Any, tok: Any, *, chat: bool = True) -> dict[str, A
             c.mode,
             c.max_new_tokens,
             chat=chat,
+            compressor=compressor,
         )
     return score_row(job, result)
 
@@ -713,7 +796,7 @@ def run_sweep(
                     c = job.cell
                     pbar.set_postfix_str(f"{c.method} {c.site} {c.keep or c.budget} {c.mode}", refresh=False)
                     try:
-                        row = execute(job, model, tokenizer, chat=config.chat)
+                        row = execute(job, model, tokenizer, chat=config.chat, compressor=config.compressor)
                     except Exception as e:
                         writer.failure(c, _describe(e))
                         if fail_fast:
@@ -884,6 +967,7 @@ __all__ = [
     "execute_shared",
     "plan",
     "run_compressed",
+    "run_prompt_site",
     "run_sweep",
     "score_row",
 ]
