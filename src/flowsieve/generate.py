@@ -540,8 +540,17 @@ def generate_many(
     protect[c0 : min(c1, T)] = False
     protect[T - w :] = True
     layers = SieveCache(model).sieve_layers
+    rowless = []
     for j, s in enumerate(sieves):
-        groups.setdefault(tuple(s.observe_spec(win, layers).rows), []).append(j)
+        rows = tuple(s.observe_spec(win, layers).rows)
+        if rows:
+            groups.setdefault(rows, []).append(j)
+        else:
+            rowless.append(j)  # reads no rows: may share any pass
+    if rowless and groups:
+        next(iter(groups.values())).extend(rowless)
+    elif rowless:
+        groups[()] = rowless
     eos = _eos_ids(model, tokenizer)
     full_bytes = full_kv_bytes(model, len(prompt), _dtype_bytes(model))
     for members in groups.values():
