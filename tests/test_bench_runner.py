@@ -23,7 +23,7 @@ import flowsieve.generate as gen
 from flowsieve import FlowsieveError
 from flowsieve.bench import runner
 from flowsieve.bench.cli import parse_params, parse_peers
-from flowsieve.bench.runner import SweepConfig, check_methods, plan, run_sweep
+from flowsieve.bench.runner import SweepConfig, check_methods, parse_method, plan, run_sweep
 from flowsieve.bench.store import FULL, IDENTITY, Store
 from flowsieve.generate import GenResult
 
@@ -76,7 +76,9 @@ def fake_generate(model, tok, context, question=None, *, chat=True, max_new_toke
     return _result(needle_answer(context, question), len(context.split()), 1.0)
 
 
-def fake_run_compressed(model, tok, item, method, site, keep, budget, mode, max_new_tokens, *, chat=True, **kw):
+def fake_run_compressed(
+    model, tok, item, method, site, keep, budget, mode, max_new_tokens, *, chat=True, **kw
+):
     """A sieve that finds the needle when it keeps at least a quarter of the context."""
     CALLS.append((method, site, str(keep), str(budget), mode))
     time.sleep(SLEEP["s"])
@@ -360,6 +362,37 @@ def test_prompt_site_compresses_then_answers(tmp_path, mode):
     assert comp["kept_tokens"] < 0.7 * full["prompt_tokens"]
     assert comp["kv_bytes"] < 0.7 * comp["kv_bytes_full"] and comp["kv_bytes_full"] == full["kv_bytes"]
     assert 0.4 < comp["extra"]["compress_ratio"] < 0.6 and comp["extra"]["compress_s"] >= 0
+
+
+def test_method_options_in_the_name():
+    assert parse_method("fastv@layer=6@flag=true@kind=max") == (
+        "fastv",
+        {"layer": 6, "flag": True, "kind": "max"},
+    )
+    assert parse_method("snapkv") == ("snapkv", {})
+    with pytest.raises(FlowsieveError, match="NAME=VALUE"):
+        parse_method("snapkv@kernel")
+    with pytest.raises(FlowsieveError, match="bad option for method 'snapkv'"):
+        check_methods(SweepConfig(methods=["snapkv@kernal=3"]))
+
+
+def test_method_options_reach_the_sieve(tmp_path):
+    """snapkv@kernel=1 (no pooling) runs as its own cell, next to the default snapkv."""
+    model, tok = tiny_loader("tiny")
+    cfg = SweepConfig(
+        model="tiny",
+        methods=["snapkv", "snapkv@kernel=1"],
+        keeps=[0.25],
+        tasks=["needle"],
+        lengths=[300],
+        limit=1,
+        max_new_tokens=2,
+        chat=False,
+    )
+    with Store(tmp_path / "r.sqlite") as store:
+        s = run_sweep(cfg, store, model=model, tokenizer=tok, progress=False)
+        assert (s.planned, s.written, s.failed) == (3, 3, 0), store.failures()
+        assert {r["method"] for r in store.rows()} == {"full", "snapkv", "snapkv@kernel=1"}
 
 
 def test_prompt_site_rejects_kv_methods_and_budgets():

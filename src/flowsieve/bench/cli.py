@@ -160,7 +160,12 @@ def add_commands(subparsers: Any) -> None:
     b.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"bundled name, local path or HF id (default {DEFAULT_MODEL})"
     )
-    b.add_argument("--methods", default="full", help="comma-separated sieve methods (default: full only)")
+    b.add_argument(
+        "--methods",
+        default="full",
+        help="comma-separated sieve methods, each with options as NAME@OPT=VALUE@... "
+        "(e.g. fastv@layer=6; default: full only)",
+    )
     b.add_argument(
         "--sites", default="prefill", help=f"comma-separated sites: {', '.join(SITES)} (default prefill)"
     )

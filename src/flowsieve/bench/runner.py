@@ -330,6 +330,25 @@ def _sieve_class() -> tuple[Any, Any]:
     return module, sieve
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fastv@layer=6@x=0.5"`` -> ``("fastv", {"layer": 6, "x": 0.5})``: a method with options.
+
+    Values are read as JSON (numbers, true/false, null, quoted strings), else kept as text. The
+    whole spec is the row's ``method``, so differently configured runs are different cells.
+    """
+    name, *opts = spec.split("@")
+    options: dict[str, Any] = {}
+    for opt in opts:
+        key, sep, text = opt.partition("=")
+        if not sep or not key.strip():
+            raise FlowsieveError(f"method option '{opt}' in '{spec}' is not NAME=VALUE")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return name.strip(), options
+
+
 def check_methods(config: SweepConfig) -> None:
     """Fail early, with a clear message, for sieve methods that cannot run (never fall back to full)."""
     others = [m for m in config.methods if m != FULL]
@@ -340,7 +359,8 @@ def check_methods(config: SweepConfig) -> None:
     except FlowsieveError as e:
         raise FlowsieveError(f"method '{others[0]}' is not available: {e}; only '{FULL}' runs") from None
     registry = _method_registry(module)
-    for method in others:
+    for spec in others:
+        method, options = parse_method(spec)
         if registry is not None and method not in registry and config.sites != ("prompt",):
             known = [FULL, *registry]
             raise FlowsieveError(
@@ -361,7 +381,7 @@ def check_methods(config: SweepConfig) -> None:
             keep = config.keeps[0] if config.keeps else None
             budget = None if config.keeps else config.budgets[0]
             try:
-                sieve(method, keep=keep, budget=budget, site=site)
+                sieve(method, keep=keep, budget=budget, site=site, options=options)
             except FlowsieveError as e:
                 raise FlowsieveError(f"method '{method}' at site '{site}': {e}") from None
             except TypeError as e:
@@ -402,7 +422,8 @@ def run_compressed(
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any and not {"sieve", "mode"} <= set(params):
         raise FlowsieveError(f"method '{method}' is not available: generate() takes no sieve and mode")
-    sieve = sieve_cls(method, keep=keep, budget=budget, site=site)
+    name, options = parse_method(method)
+    sieve = sieve_cls(name, keep=keep, budget=budget, site=site, options=options)
     return _gen.generate(
         model,
         tok,
@@ -448,8 +469,9 @@ def run_prompt_site(
         raise FlowsieveError("the prompt site takes keep ratios, not token budgets")
     cmodel, ctok = (model, tok) if compressor is None else _compressor(compressor)
     question = item.question if mode == "query_aware" else None
+    name, options = parse_method(scorer)
     cp = compress_prompt(
-        item.context, scorer=scorer, keep=keep, question=question, model=cmodel, tokenizer=ctok
+        item.context, scorer=name, keep=keep, question=question, model=cmodel, tokenizer=ctok, **options
     )
     context = cp.text
     if question is not None:
@@ -566,7 +588,8 @@ def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = Tr
     torch.manual_seed(first.cell.seed)
     sieves = [
         sieve_cls(
-            j.cell.method,
+            parse_method(j.cell.method)[0],
+            options=parse_method(j.cell.method)[1],
             keep=j.cell.keep if j.cell.budget == 0 else None,
             budget=j.cell.budget or None,
             site=j.cell.site,
@@ -833,10 +856,20 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
             errors[system] = why
         return errors
     try:
-        takes_threads = "threads" in inspect.signature(run_peer).parameters
+        params = inspect.signature(run_peer).parameters
     except (TypeError, ValueError):
-        takes_threads = False
-    threads_kw = {"threads": config.threads} if takes_threads else {}
+        params = {}  # type: ignore[assignment]
+    peer_kw: dict[str, Any] = {"threads": config.threads} if "threads" in params else {}
+    if "chat" in params:
+        peer_kw["chat"] = config.chat
+    elif not config.chat:
+        # a run_peer without ``chat`` builds chat prompts only: never run it on the wrong prompt
+        why = "peer runner cannot build plain (--no-chat) prompts: its run_peer takes no chat argument"
+        for system in _unique(j.cell.system for j in jobs):
+            n = sum(j.cell.system == system for j in jobs)
+            writer.failure({"model": config.model, "system": system}, why, count=n)
+            errors[system] = why
+        return errors
     batches: dict[tuple[Any, ...], list[Job]] = {}
     for j in jobs:
         c = j.cell
@@ -856,7 +889,7 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
         group |= {"site": PEER_SITES[system], "task": task, "item_id": f"{ANY}{params}"}
         try:
             args = (system, [j.item for j in batch], method, keep, config.model, mode, config.max_new_tokens)
-            rows = run_peer(*args, **threads_kw)
+            rows = run_peer(*args, **peer_kw)
         except Exception as e:
             why = f"{system}:{method} at keep {keep} ({mode}) failed: {_describe(e)}"
             writer.failure(group, why, count=len(batch))
@@ -965,6 +998,7 @@ __all__ = [
     "check_methods",
     "execute",
     "execute_shared",
+    "parse_method",
     "plan",
     "run_compressed",
     "run_prompt_site",
