@@ -9,6 +9,7 @@ results.sqlite --out DIR`` writes the plots and ``index.html``.
 from __future__ import annotations
 
 import argparse
+import re
 import functools
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ _EXPORTS = (".csv", ".parquet")
 def _names(flag: str, text: str | None) -> list[str]:
     if text is None:
         return []
-    names = [x.strip() for x in text.split(",")]
+    names = [x.strip() for x in re.split(r",(?![^\[]*\])", text)]  # commas inside [...] are a value's
     if not all(names):
         raise FlowsieveError(f"{flag} takes comma-separated names, got {text!r}")
     return names
