@@ -310,3 +310,14 @@ def test_browser_renders_the_report(index, tmp_path):
     text = "".join(dom.text)
     assert EVIL in text and EVIL_ERR in text  # shown as text, not run or turned into elements
     assert "flowcut@prefill" in text and "kvpress:snapkv" in text
+
+
+def test_markdown_tables(index):
+    md = (index.parent / "results.md").read_text(encoding="utf-8")
+    assert md.count("#### smollm2 · needle (length=") == 4  # 2 lengths x 2 modes
+    head = md.split("#### ")[1]
+    assert "| method | keep 0.5 | keep 0.25 | keep 0.1 |" in head
+    full_line = next(x for x in head.splitlines() if x.startswith("| full context |"))
+    assert "0.75 (n=4)" in full_line
+    assert re.search(r"\| kvpress:snapkv \| [0-9.]+ \([0-9.]+ of full, n=4\)", head)
+    assert "best flowsieve" in head and "best kvpress" in head

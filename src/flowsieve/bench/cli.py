@@ -9,9 +9,9 @@ results.sqlite --out DIR`` writes the plots and ``index.html``.
 from __future__ import annotations
 
 import argparse
-import re
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 

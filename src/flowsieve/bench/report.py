@@ -554,8 +554,64 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
 
 
+def _md_cell(sec: Section, mode: str, g: Group | None) -> str:
+    if g is None:
+        return ""
+    if g.line == FULL:
+        return f"{_f(g.mean('score'), 2)} (n={len(g.rows)})"
+    r = ratios(sec, mode, g)
+    rel = _ratio(r.score, r.score_full)
+    return f"{_f(g.mean('score'), 2)} ({_f(rel, 2)} of full, n={len(g.rows)})"
+
+
+def markdown_tables(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The score tables as Markdown: per (model, task variant) and mode, method × keep; each cell is
+    the mean score, its share of the full-context score over the same items, and the item count;
+    then the best flowsieve method and each peer's best at every keep, with the KV-bytes ratio."""
+    out: list[str] = []
+    for sec in sections(rows):
+        for mode, groups in sec.modes.items():
+            settings = sorted({g.setting for g in groups.values() if g.line != FULL}, key=_setting_order)
+            lines = sorted({g.line for g in groups.values()}, key=lambda s: (s != FULL, ":" in s, s))
+            out.append(f"#### {sec.model} · {sec.label} · {mode}\n")
+            out.append("| method | " + " | ".join(_setting_label(s) for s in settings) + " |")
+            out.append("|---" * (len(settings) + 1) + "|")
+            full = sec.full(mode)
+            for line in lines:
+                if line == FULL:
+                    out.append(f"| full context | {_md_cell(sec, mode, full)} |" + " |" * (len(settings) - 1))
+                    continue
+                cells = [_md_cell(sec, mode, groups.get((line, s))) for s in settings]
+                out.append(f"| {line} | " + " | ".join(cells) + " |")
+            systems = sorted({g.system for g in groups.values()}, key=lambda x: (x != "flowsieve", x))
+            out.append("")
+            out.append("| keep | " + " | ".join(f"best {x} (score, KV bytes / full)" for x in systems) + " |")
+            out.append("|---" * (len(systems) + 1) + "|")
+            for st in settings:
+                cells = []
+                for system in systems:
+                    cands = [
+                        g
+                        for g in groups.values()
+                        if g.system == system
+                        and g.setting == st
+                        and g.line != FULL
+                        and g.mean("score") is not None
+                    ]
+                    if not cands:
+                        cells.append("—")
+                        continue
+                    best = max(cands, key=lambda g: (g.mean("score"), -len(g.line)))
+                    r = ratios(sec, mode, best)
+                    cells.append(f"{best.line} {_f(best.mean('score'), 2)} (KV ×{_f(r.kv, 2)})")
+                out.append(f"| {_setting_label(st)} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def write_report(db: str | Path, out: str | Path) -> Path:
-    """Render the store at ``db`` into ``out/`` (PNG plots and ``index.html``); returns the page's path."""
+    """Render the store at ``db`` into ``out/`` (PNG plots, ``index.html`` and the score tables as
+    ``results.md``); returns the page's path."""
     with Store(db, create=False) as store:
         rows = store.rows()
         runs = store.runs()
@@ -604,6 +660,7 @@ reproduced before the first difference. {_e(PEER_NOTE)}</p>
 <section id="failures"><h2>Failures</h2>{failures_html(failures)}</section>
 </body></html>
 """
+    (out / "results.md").write_text(markdown_tables(rows), encoding="utf-8")
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -611,4 +668,4 @@ reproduced before the first difference. {_e(PEER_NOTE)}</p>
     return index
 
 
-__all__ = ["line_label", "pareto_front", "sections", "task_label", "write_report"]
+__all__ = ["line_label", "markdown_tables", "pareto_front", "sections", "task_label", "write_report"]
