@@ -1,0 +1,102 @@
+"""Which needle tokens survive a KV sieve: per method and keep, the share of the needle sentence's
+tokens (and of its answer digits) still in each compressed layer's cache after a query-aware prefill.
+
+This separates two failure causes: the sieve dropped the needle (selection) or kept it and the model
+still did not answer (reading). Items are the bench's ``needle`` task; one observed prefill per item is
+shared by all methods and keeps (:func:`flowsieve.generate.generate_many` does the same).
+
+Usage: .venv/bin/python bench/needle_survival.py --model gemma3-270m --no-chat --length 2048 \\
+           --items 5 --methods snapkv,flowcut,tova --keeps 0.5,0.25,0.1 [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--no-chat", action="store_true")
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--items", type=int, default=5)
+    ap.add_argument("--methods", default="snapkv,flowcut,tova,pyramid,transprune")
+    ap.add_argument("--keeps", default="0.5,0.25,0.1")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    import flowsieve
+    from flowsieve.bench.tasks import get_task
+    from flowsieve.generate import build_prompt
+    from flowsieve.kvcache import SieveCache
+    from flowsieve.observe import observe
+    from flowsieve.sieve import Sieve
+
+    model, tok = flowsieve.load(a.model)
+    chat = not a.no_chat
+    task = get_task("needle", length=a.length)
+    methods = [m for m in a.methods.split(",") if m]
+    keeps = [float(k) for k in a.keeps.split(",")]
+    kept: dict[tuple[str, float], list[float]] = {}
+    digits: dict[tuple[str, float], list[float]] = {}
+    for item in task.items(tok, a.items, 0):
+        prompt = build_prompt(tok, item.context, item.question, chat=chat)
+        pieces = [tok.decode([t]) for t in prompt.ids]  # ASCII prose: pieces concatenate to the text
+        text = "".join(pieces)
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        value = item.answers[0]
+        sentence = next(s for s in item.context.split(". ") if value in s)
+        c0 = text.find(sentence)
+        d0 = text.find(value, c0)
+        if c0 < 0 or d0 < 0:
+            raise SystemExit(f"needle of {item.item_id} not found in the rendered prompt")
+        span = [i for i, e in enumerate(ends) if e > c0 and e - len(pieces[i]) < c0 + len(sentence)]
+        dspan = [i for i, e in enumerate(ends) if e > d0 and e - len(pieces[i]) < d0 + len(value)]
+        T = len(prompt)
+        c_start, c_end = prompt.context
+        w = 32
+        win = tuple(range(T - w, T))
+        protect = torch.ones(T, dtype=torch.bool)
+        protect[c_start:c_end] = False
+        protect[T - w :] = True
+        sieves = [Sieve(m, keep=k) for m in methods for k in keeps]
+        layers = SieveCache(model).sieve_layers
+        from flowsieve.generate import merge_specs
+
+        base = SieveCache(model)
+        with (
+            torch.inference_mode(),
+            observe(model, merge_specs([s.observe_spec(win, layers) for s in sieves])) as obs,
+        ):
+            model(input_ids=torch.tensor([list(prompt.ids)]), cache=base, use_cache=True, logits_to_keep=1)
+        for s in sieves:
+            cache = base.clone()
+            with torch.inference_mode():
+                s.compress(obs, cache, protect, win, k=s.target(T))
+            for i in layers:
+                pos = cache.layer(i).positions
+                for head in pos.reshape(-1, pos.shape[-1]):  # per KV head when heads keep different entries
+                    have = set(head.tolist())
+                    kept.setdefault((s.method, s.keep), []).append(sum(p in have for p in span) / len(span))
+                    digits.setdefault((s.method, s.keep), []).append(
+                        sum(p in have for p in dspan) / len(dspan)
+                    )
+        print(f"{item.item_id}: needle tokens {span[0]}..{span[-1]} of {T}", flush=True)
+    print(
+        f"\nmodel {a.model}, {a.items} items of {a.length} tokens; mean share kept over items x compressed layers x KV heads"
+    )
+    print(f"{'method':<12} {'keep':>5} {'needle sentence':>16} {'answer digits':>14}")
+    for m in methods:
+        for k in keeps:
+            print(
+                f"{m:<12} {k:>5} {statistics.mean(kept[(m, k)]):16.2f} {statistics.mean(digits[(m, k)]):14.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
