@@ -581,3 +581,20 @@ def test_pyramid_refuses_chunked_prefill(tiny_llama_model):
         prefill_with_sieve(
             tiny_llama_model, p, Sieve("pyramid", keep=0.25, window=8, chunk=16), "query_aware"
         )
+
+
+def test_flowcut_kernel_pools_neighbours(tiny_causal):
+    """flowcut@kernel=k: the per-layer score is SnapKV-style average pooling of the paper's score."""
+    from flowsieve.sieves.base import pool1d
+    from flowsieve.sieves.flowcut import FlowCutScorer
+
+    _, model = tiny_causal
+    obs, ctxs, _ = _observed(model, FlowCutScorer())
+    for c in ctxs:
+        plain = FlowCutScorer().score(obs.layer(c.layer), c)
+        pooled = FlowCutScorer(kernel=3).score(obs.layer(c.layer), c)
+        ref = pool1d(plain, 3)
+        torch.testing.assert_close(pooled, ref / ref.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(pooled, plain)
+    with pytest.raises(FlowsieveError, match="kernel"):
+        Sieve("flowcut", keep=0.5, options={"kernel": 0})

@@ -11,6 +11,10 @@ Deviations from the paper (written for visual tokens in a ViT and one LLM layer)
 window of text queries instead of CLS / the last instruction token; pruning is one-shot per layer
 of the KV cache instead of progressive inside the ViT; the entropy-adaptive count is not used
 (every layer keeps the same number of entries, which multi-token chunks after compression need).
+Option ``kernel`` (default 1: off, the paper's rule) average-pools the per-layer scores over
+``kernel`` neighbouring tokens before the EMA, as SnapKV does: in text, the tokens a relay query
+matches (the words of a question) sit next to the ones that carry the answer (the digits after them),
+which the relay attends to less; pooling keeps such neighbours together. Not in FlowCut.
 
 At the ``layer`` site this is FlowCut's LLM stage: before layer ``layer`` (default 2) the context
 tokens are ranked by the flow score of the prompt's last token (the relay) at layer ``layer - 1``,
@@ -33,7 +37,7 @@ import torch
 from flowsieve.errors import FlowsieveError
 from flowsieve.observe import LayerObs
 from flowsieve.scorers.flow import flowcut_score
-from flowsieve.sieves.base import METHODS, ScoreContext
+from flowsieve.sieves.base import METHODS, ScoreContext, pool1d
 from flowsieve.sieves.layer import LayerContext, LayerPruner, Stage, normalise_over, relay_rows, score_layer
 
 
@@ -45,6 +49,7 @@ class FlowCutScorer(LayerPruner):
     Attributes:
         ema: weight of the new layer in the EMA (prefill site).
         layer: the prune layer at the layer site (>= 1); layer ``layer - 1`` scores.
+        kernel: average pooling of the prefill-site scores over this many neighbours (1 = none).
     """
 
     name = "flowcut"
@@ -53,8 +58,11 @@ class FlowCutScorer(LayerPruner):
     needs = ("rows",)
     ema: float = 0.5
     layer: int = 2
+    kernel: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1:
+            raise FlowsieveError(f"flowcut: kernel must be an integer >= 1, got {self.kernel!r}")
         if not 0 < self.ema <= 1:
             raise FlowsieveError(f"flowcut: ema must be in (0, 1], got {self.ema}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
@@ -65,7 +73,7 @@ class FlowCutScorer(LayerPruner):
         assert obs.value_l1 is not None
         vl1 = obs.value_l1[..., :T]
         per_relay = [flowcut_score(obs.rows[p][..., :T], obs.vv_rows[p][..., :T], vl1) for p in ctx.window]
-        s = torch.stack(per_relay).mean(0)  # (B, T)
+        s = pool1d(torch.stack(per_relay).mean(0), self.kernel)  # (B, T)
         return s / s.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def accumulate(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
