@@ -89,7 +89,8 @@ def test_unknown_system_suggests_the_closest():
         ({"mode": "query-aware"}, "did you mean 'query_aware'"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"threads": 0}, "threads"),
-        ({"model_name": "gemma3-270m"}, "only with the bundled smollm2"),
+        ({"model_name": "minilm"}, "kvpress runs with the bundled smollm2 and gemma3-270m only"),
+        ({"chat": "no"}, "chat must be True or False"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(kw, msg, tmp_path, monkeypatch):
@@ -98,6 +99,13 @@ def test_bad_arguments_fail_before_anything_runs(kw, msg, tmp_path, monkeypatch)
     with pytest.raises(FlowsieveError, match=msg):
         P.run_peer("kvpress", [_item(0)], "snapkv", build=False, **args)
     assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_llmlingua_refuses_gemma3_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSIEVE_PEERS_DIR", str(tmp_path))
+    with pytest.raises(FlowsieveError, match=r"transformers 4\.44 cannot read Gemma-3") as e:
+        P.run_peer("llmlingua", [_item(0)], "llmlingua", 0.5, "gemma3-270m", chat=False, build=False)
+    assert "\n" not in str(e.value) and not any(tmp_path.iterdir())
 
 
 def test_longllmlingua_is_query_aware_only():
@@ -183,17 +191,23 @@ with open(args["--out"], "w") as out:
                "kept_tokens": 5, "kv_bytes": 50, "kv_bytes_full": 100, "peak_rss_mb": 1.0,
                "prefill_s": 0.1, "decode_tok_s": 2.0, "new_tokens": 3,
                "extra": {"cfg": cfg, "script": os.path.basename(sys.argv[1]),
+                         "prompt_ids": it["prompt_ids"], "prompt_split": it["prompt_split"],
                          "omp": os.environ.get("OMP_NUM_THREADS"), "offline": os.environ.get("HF_HUB_OFFLINE")}}
         out.write(json.dumps(row) + "\\n")
 """
 
 
-def test_run_peer_speaks_the_runner_protocol(tmp_path, monkeypatch):
+@pytest.mark.parametrize("chat", [True, False])
+def test_run_peer_speaks_the_runner_protocol(chat, tmp_path, monkeypatch):
+    from flowsieve.generate import build_prompt
+
     monkeypatch.setenv("FLOWSIEVE_PEERS_DIR", str(tmp_path))
     _fake_env(tmp_path, "kvpress", ECHO, monkeypatch)
     assert P.env_ready("kvpress")
     items = [_item(0), _item(1)]
-    rows = P.run_peer("kvpress", items, "tova", 0.25, mode="query_agnostic", max_new_tokens=7, threads=1)
+    rows = P.run_peer(
+        "kvpress", items, "tova", 0.25, mode="query_agnostic", max_new_tokens=7, threads=1, chat=chat
+    )
     assert [r["item_id"] for r in rows] == [it.item_id for it in items]
     assert all(list(r) == list(P.ROW_FIELDS) for r in rows)
     extra = rows[0]["extra"]
@@ -204,6 +218,15 @@ def test_run_peer_speaks_the_runner_protocol(tmp_path, monkeypatch):
     assert cfg["keep"] == 0.25 and cfg["mode"] == "query_agnostic" and cfg["max_new_tokens"] == 7
     assert cfg["instruction"] == "Answer briefly."
     assert Path(cfg["gguf_dir"], cfg["gguf_file"]).exists()
+    assert cfg["chat"] is chat and cfg["model_name"] == "smollm2"
+    # each item carries flowsieve's own prompt: its tokenizer, its build_prompt, the sweep's chat setting
+    tok, tok_dir = P.flowsieve_tokenizer("smollm2")
+    assert Path(cfg["tokenizer_dir"]) == tok_dir and (tok_dir / "tokenizer_config.json").exists()
+    for r, it in zip(rows, items):
+        prompt = build_prompt(tok, it.context, it.question, chat=chat)
+        assert r["extra"]["prompt_ids"] == list(prompt.ids) and r["extra"]["prompt_split"] == prompt.split
+    plain, templated = (build_prompt(tok, items[0].context, items[0].question, chat=c) for c in (False, True))
+    assert len(plain) < len(templated)  # the two settings really differ
 
 
 def test_runner_failure_is_a_one_line_error(tmp_path, monkeypatch):
@@ -269,6 +292,56 @@ def test_a_failed_build_is_a_one_line_error_and_is_retried(tmp_path, monkeypatch
     assert ll_steps[0] == ["torch==2.13.0"] and "transformers==4.44.*" in ll_steps[1]
 
 
+# --- the sweep hands its prompt setting to run_peer ----------------------------------------------------
+
+
+def _fake_sweep(monkeypatch, tmp_path, run_peer, chat: bool):
+    """A sweep with fake flowsieve cells (tests/test_bench_runner.py's fakes) and ``run_peer`` as the peer."""
+    import types
+
+    import test_bench_runner as tb
+
+    from flowsieve.bench.store import Store
+
+    monkeypatch.setattr(tb.gen, "generate", tb.fake_generate)
+    monkeypatch.setattr(tb.runner, "run_compressed", tb.fake_run_compressed)
+    monkeypatch.setattr(tb.runner, "check_methods", lambda config: None)
+    peers = types.ModuleType("flowsieve.bench.peers")
+    peers.run_peer = run_peer
+    monkeypatch.setitem(sys.modules, "flowsieve.bench.peers", peers)
+    cfg = tb.small_config(
+        methods=["full"], modes=["query_aware"], keeps=[0.5], peers={"kvpress": ["snapkv"]}, chat=chat
+    )
+    with Store(tmp_path / "r.sqlite") as store:
+        return tb.sweep(cfg, store), store.failures()
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_sweep_passes_chat_to_run_peer(chat, monkeypatch, tmp_path):
+    seen = []
+
+    def run_peer(system, items, method, keep, model_name, mode, max_new_tokens, threads=2, *, chat=True):
+        seen.append((system, method, chat))
+        return []
+
+    _fake_sweep(monkeypatch, tmp_path, run_peer, chat)
+    assert seen == [("kvpress", "snapkv", chat)]
+
+
+def test_a_run_peer_without_chat_is_not_run_on_plain_prompts(monkeypatch, tmp_path):
+    seen = []
+
+    def run_peer(system, items, method, keep, model_name, mode, max_new_tokens):
+        seen.append(system)
+        return []
+
+    summary, failures = _fake_sweep(monkeypatch, tmp_path, run_peer, chat=False)
+    assert seen == [] and "cannot build plain (--no-chat) prompts" in summary.peer_errors["kvpress"]
+    assert any("cannot build plain" in f["error"] for f in failures if f["system"] == "kvpress")
+    _fake_sweep(monkeypatch, tmp_path / "chat", run_peer, chat=True)
+    assert seen == ["kvpress"]  # with chat prompts it runs as before
+
+
 # --- the runners' own helpers (stdlib + a tokenizer; no peer venv) ---------------------------------------
 
 
@@ -301,6 +374,44 @@ def test_runner_prompt_tail_matches_flowsieve(monkeypatch):
     assert common.compare_ids([1, 2, 3], [1, 2, 3]) == {"tokens_match_flowsieve": True}
     diff = common.compare_ids([1, 2, 3], [1, 9])
     assert diff["tokens_match_flowsieve"] is False and "token 1" in diff["token_diff"]
+
+
+def test_runner_plain_prompt_and_split_match_build_prompt(char_tok, monkeypatch):
+    """The runner's copy of build_prompt(chat=False), on a tokenizer with offsets (no model needed)."""
+    from flowsieve.generate import DEFAULT_INSTRUCTION, build_prompt
+
+    common = _runner_module("_common", monkeypatch)
+    for context, question in [("  ctx one.\n", " Q? "), ("a" * 50, "what")]:
+        ours = build_prompt(char_tok, context, question, chat=False)
+        ids, split = common.flowsieve_prompt(char_tok, context, question, DEFAULT_INSTRUCTION, chat=False)
+        assert ids == list(ours.ids) and split == ours.split
+        assert common.flowsieve_ids(char_tok, context, question, DEFAULT_INSTRUCTION, chat=False) == ids
+    with pytest.raises(common.PeerError, match="no chat template"):
+        common.flowsieve_ids(char_tok, "ctx", "q", DEFAULT_INSTRUCTION, chat=True)
+
+
+def test_plain_prompt_split_for_kvpress(monkeypatch):
+    kv = _runner_module("kvpress_runner", monkeypatch)
+    ids = [2, 10, 11, 12, 13, 14]
+    assert kv.split_ids(ids, 3, "query_agnostic") == ([2, 10, 11], [12, 13, 14])
+    assert kv.split_ids(ids, 3, "query_aware") == ([2, 10, 11, 12, 13], [14])
+    with pytest.raises(kv.PeerError, match="outside"):
+        kv.split_ids(ids, 6, "query_agnostic")
+
+
+def test_full_kv_bytes_caps_sliding_layers_like_flowsieve(monkeypatch):
+    from conftest import tiny_gemma3, tiny_llama
+
+    from flowsieve.generate import full_kv_bytes
+
+    common = _runner_module("_common", monkeypatch)
+    for model in (tiny_llama(), tiny_gemma3()):
+        for n in (1, 7, 300):
+            assert common.full_kv_bytes(model.config, n, 4) == full_kv_bytes(model, n, 4)
+    gemma = tiny_gemma3().config
+    assert "sliding_attention" in gemma.layer_types and gemma.sliding_window < 300
+    per_token = common.full_kv_bytes(gemma, 1, 4)
+    assert common.full_kv_bytes(gemma, 300, 4) < 300 * per_token  # sliding layers hold their window only
 
 
 def test_layerwise_mask_fit_equals_token_by_token(monkeypatch):
@@ -344,14 +455,30 @@ def test_layerwise_mask_fit_equals_token_by_token(monkeypatch):
 
 
 @pytest.mark.integration
-def test_runner_prompt_ids_match_build_prompt(smollm2, monkeypatch):
+@pytest.mark.parametrize(
+    ("model_name", "chat"), [("smollm2", True), ("smollm2", False), ("gemma3-270m", False)]
+)
+def test_runner_prompt_ids_match_build_prompt(model_name, chat, monkeypatch):
+    """The prompt format the runners duplicate: their ids (and split) equal flowsieve's build_prompt's on
+    the bundled tokenizers, with and without the chat template (gemma3-270m has none)."""
     from flowsieve.generate import DEFAULT_INSTRUCTION, build_prompt
 
     common = _runner_module("_common", monkeypatch)
-    _, tok = smollm2
+    tok, _ = P.flowsieve_tokenizer(model_name)
     for it in get_task("needle", length=300).items(tok, 2):
-        ours = build_prompt(tok, it.context, it.question, chat=True).ids
-        assert common.flowsieve_ids(tok, it.context, it.question, DEFAULT_INSTRUCTION) == list(ours)
+        ours = build_prompt(tok, it.context, it.question, chat=chat)
+        assert common.flowsieve_ids(tok, it.context, it.question, DEFAULT_INSTRUCTION, chat=chat) == list(
+            ours.ids
+        )
+        ids, split = common.flowsieve_prompt(tok, it.context, it.question, DEFAULT_INSTRUCTION, chat=chat)
+        assert ids == list(ours.ids) and split == ours.split
+        if model_name == "gemma3-270m":
+            assert ids[0] == tok.bos_token_id == 2  # add_special_tokens=True: <bos> first
+    if model_name == "gemma3-270m":
+        with pytest.raises(FlowsieveError, match="no chat template"):
+            build_prompt(tok, "ctx", "q", chat=True)
+        with pytest.raises(common.PeerError, match="no chat template"):
+            common.flowsieve_ids(tok, "ctx", "q", DEFAULT_INSTRUCTION, chat=True)
 
 
 # --- real peers ------------------------------------------------------------------------------------------
@@ -420,6 +547,129 @@ def test_llmlingua_runs_side_by_side(smollm2, needle_items):
         assert 0 < extra["kept_context_tokens"] < extra["context_tokens"]
         assert extra["compress_s"] > 0
         assert extra["compressed_context"]
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    import flowsieve
+
+    return flowsieve.load("gemma3-270m")
+
+
+PEER_LOGITS = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import _common as C
+cfg = json.load(open(sys.argv[2]))
+model, tok, _ = C.load_model(cfg)
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([cfg["ids"]])).logits[0, -cfg["last"]:]
+import transformers
+torch.save({"logits": logits, "class": type(model).__name__, "ids": tok(cfg["text"])["input_ids"],
+            "transformers": transformers.__version__}, sys.argv[3])
+"""
+
+
+@pytest.mark.integration
+@needs_peers
+def test_kvpress_gemma3_has_flowsieves_weights(gemma3, tmp_path):
+    """The kvpress venv's gemma3-270m (its transformers, converted from the same GGUF) gives flowsieve's
+    logits on the same ids, and its tokenizer flowsieve's ids."""
+    import subprocess
+
+    import torch
+    import transformers
+
+    from flowsieve.generate import build_prompt
+    from flowsieve.models import BUNDLED
+
+    model, tok = gemma3
+    env = P.ensure_env("kvpress")
+    item = get_task("needle", length=200).items(tok, 1)[0]
+    prompt = build_prompt(tok, item.context, item.question, chat=False)
+    gguf_dir, gguf_file = BUNDLED["gemma3-270m"].locate()
+    _, tok_dir = P.flowsieve_tokenizer("gemma3-270m")
+    text = item.context.strip() + "\n\n" + item.question.strip() + "\nAnswer briefly."
+    cfg = {
+        "model_name": "gemma3-270m",
+        "gguf_dir": str(gguf_dir),
+        "gguf_file": gguf_file,
+        "tokenizer_dir": str(tok_dir),
+        "cache_dir": str(P.peer_cache_dir()),
+        "ids": list(prompt.ids),
+        "text": text,
+        "last": 16,
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "peer.py").write_text(PEER_LOGITS)
+    proc = subprocess.run(
+        [
+            str(P.env_python(env)),
+            str(tmp_path / "peer.py"),
+            str(RUNNERS),
+            str(tmp_path / "cfg.json"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=P._runner_env(2),
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peer = torch.load(tmp_path / "out.pt")
+    assert peer["transformers"] != transformers.__version__  # really the peer's own transformers
+    assert peer["class"] == type(model).__name__ == "Gemma3ForCausalLM"
+    assert peer["ids"] == list(prompt.ids)  # the peer's tokenizer: flowsieve's ids, <bos> included
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([prompt.ids])).logits[0, -16:]
+    diff = (peer["logits"] - ours).abs().max().item()
+    print(f"gemma3-270m logits, kvpress venv vs flowsieve: max abs difference {diff:.3g}")
+    assert diff < 1e-3
+    assert torch.equal(peer["logits"].argmax(-1), ours.argmax(-1))
+
+
+@pytest.mark.integration
+@needs_peers
+@pytest.mark.parametrize(
+    ("method", "mode"), [("expected_attention", "query_agnostic"), ("snapkv", "query_aware")]
+)
+def test_kvpress_runs_gemma3_on_flowsieves_plain_prompt(method, mode, gemma3):
+    from flowsieve.generate import build_prompt, full_kv_bytes
+
+    model, tok = gemma3
+    items = get_task("needle", length=500).items(tok, 2)
+    P.ensure_env("kvpress")
+    rows = P.run_peer(
+        "kvpress", items, method, 0.5, "gemma3-270m", mode, max_new_tokens=6, threads=2, chat=False
+    )
+    cfg = model.config
+    per_entry = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # keys + values, fp32
+    assert [r["item_id"] for r in rows] == [it.item_id for it in items]
+    for r, it in zip(rows, items):
+        prompt = build_prompt(tok, it.context, it.question, chat=False)
+        extra = r["extra"]
+        assert r["prompt_tokens"] == len(prompt) and extra["tokens_match_flowsieve"] is True
+        assert extra["chat"] is False and extra["model_class"] == "Gemma3ForCausalLM"
+        assert r["kv_bytes_full"] == full_kv_bytes(model, len(prompt))  # sliding layers capped, as flowsieve
+        # kv_bytes is what the cache's tensors hold, layer by layer (18 layers, sliding ones pruned too)
+        stored = extra["stored_per_layer"]
+        assert len(stored) == cfg.num_hidden_layers and r["kv_bytes"] == sum(stored) * per_entry
+        assert extra["sliding_layers_compressed"] is True and "compressed too" in extra["sliding_layers"]
+        assert extra["sliding_layer_indices"] == [
+            i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"
+        ]
+        assert extra["kv_bytes_sliding_layers"] + extra["kv_bytes_full_attention_layers"] == r["kv_bytes"]
+        n_ctx = extra["context_tokens"]
+        if mode == "query_agnostic":  # <bos> + context compressed, question + instruction appended
+            assert n_ctx == prompt.split
+        else:  # everything but the last token compressed
+            assert n_ctx == len(prompt) - 1 and extra["question_tokens"] == 1
+        assert extra["kept_context_tokens"] == int(n_ctx * 0.5)
+        assert r["kept_tokens"] == extra["kept_context_tokens"] + extra["question_tokens"] == max(stored)
+        assert 1 <= r["new_tokens"] <= 6 and r["prefill_s"] > 0 and isinstance(r["prediction"], str)
+        if method == "expected_attention":
+            assert "bound to its own type" in extra["rope"]
 
 
 def test_env_dir_defaults_to_the_checkout(monkeypatch):

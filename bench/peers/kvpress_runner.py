@@ -1,22 +1,52 @@
 """Run NVIDIA kvpress on task items (executed with the kvpress venv's python by flowsieve.bench.peers).
 
-kvpress is called through its own ``kv-press-text-generation`` pipeline: it renders the chat template
-around the context, prefills the context with the press active (the press prunes each layer's KV
-cache right after that layer's attention), then feeds the question and decodes greedily.
+kvpress is called through its own ``kv-press-text-generation`` pipeline: it prefills the context with
+the press active (the press prunes each layer's KV cache right after that layer's attention), then
+feeds the question and decodes greedily.
 
-Prompt: the pipeline tokenizes ``chat_prefix + context`` and ``question + chat_suffix`` separately and
-puts no separator between them, so the question is passed as ``"\\n\\n" + question + "\\nAnswer
-briefly."``: the text is then exactly flowsieve's ``build_prompt(..., chat=True)``; whether the
-*tokens* match too (separate tokenization at the seam) is checked per item and written to ``extra``.
+Prompt with ``chat=True`` (SmolLM2): the pipeline renders the chat template around the context and
+tokenizes ``chat_prefix + context`` and ``question + chat_suffix`` separately with no separator, so
+the question is passed as ``"\\n\\n" + question + "\\nAnswer briefly."``: the text is then exactly
+flowsieve's ``build_prompt(..., chat=True)``; whether the *tokens* match flowsieve's (separate
+tokenization at the seam) is checked per item and written to ``extra``.
+
+Prompt with ``chat=False`` (models without a chat template: gemma3-270m): flowsieve's plain prompt,
+``context + "\\n\\n" + question + "\\nAnswer briefly."`` tokenized with the tokenizer's special tokens
+(``<bos>`` first). The pipeline's own preprocessing would put ``<bos>`` as text before the context and
+a ``"\\n"`` after the question, which flowsieve's prompt lacks, so this runner builds the ids itself,
+requires them to equal the ids flowsieve's tokenizer gave (``prompt_ids`` of each item; a mismatch is
+an error), and hands them to the pipeline's ``forward`` (kvpress's prefill-with-press and greedy
+decoding, unchanged).
 
 Modes:
-- ``query_agnostic`` is the pipeline as shipped: the context (with the chat template's system prompt
-  and user header) is compressed before the question is seen; the question and the assistant header
-  are appended to the compressed cache.
+- ``query_agnostic`` is the pipeline as shipped: the context is compressed before the question is
+  seen; the question is appended to the compressed cache. With the chat template the compressed part
+  includes the template's system prompt and user header and the question carries the assistant
+  header; with a plain prompt the split is flowsieve's ``Prompt.split`` (``<bos>`` + context |
+  question + instruction).
 - ``query_aware``: context, question and instruction all go in as kvpress's context and the question
   is empty, so the press sees the question while it compresses (kvpress's ``evaluate.py`` does the
   same with its ``compress_questions`` / query-aware option). The question's tokens are then subject
-  to eviction too; only the assistant header is appended uncompressed.
+  to eviction too. With the chat template only the assistant header is appended uncompressed; with a
+  plain prompt there is no header, so the prompt's last token is held back and fed after compression
+  (the pipeline needs at least one token after the prefill to produce the first logits).
+
+Gemma-3 (sliding-window layers of 512 tokens, and full-attention layers every sixth layer), as
+kvpress 0.5.5 treats it: its presses skip sliding-window layers only for
+``Gemma3ForConditionalGeneration`` (``BasePress.__call__``); the text-only ``Gemma3ForCausalLM`` of
+gemma3-270m is hooked on every layer, so **sliding-window layers are compressed too**, by the same
+ratio as the full ones. The pipeline's cache (``DynamicCache()`` without the model config, as
+kvpress creates it) keeps every prompt token on every layer until the press prunes it, so a sliding
+layer ends up holding ``keep`` × the prompt (more than its 512-entry window at long prompts and high
+keep, fewer at low keep). Question and answer tokens then attend to a sliding layer through
+transformers' sliding-window mask counted in cache slots (the last 512 stored entries), not in token
+positions. ``kv_bytes`` is measured from the cache's tensors; ``kv_bytes_full`` is flowsieve's
+(sliding-window layers capped at the window); ``extra`` has the stored entries per layer and the
+bytes of sliding and full layers. One incompatibility is bridged, not hidden: kvpress gives every
+attention layer the model's shared rotary embedding, whose ``forward`` in transformers 5 needs the
+layer type on Gemma-3 (ExpectedAttention calls it without one and fails); each attention layer is
+handed the rotary embedding bound to its own layer type (local RoPE base on sliding layers, global on
+full ones: the RoPE Gemma-3 itself applies there), which ``extra["rope"]`` records.
 
 Measured per item like flowsieve's ``generate``: prefill seconds (context prefill with the press +
 the question forward), decode tokens/s (forward passes after the first new token), KV bytes of the
@@ -34,7 +64,7 @@ from _common import (
     PeakRSS,
     PeerError,
     compare_ids,
-    flowsieve_ids,
+    flowsieve_prompt,
     full_kv_bytes,
     kv_bytes,
     load_model,
@@ -109,6 +139,61 @@ def fit_sdpa_masks() -> None:
     ALL_ATTENTION_FUNCTIONS["sdpa"] = fitted
 
 
+SLIDING_NOTE = (
+    "kvpress 0.5.5 skips sliding-window layers only for Gemma3ForConditionalGeneration; this "
+    "Gemma3ForCausalLM is hooked on every layer, so its sliding-window layers are compressed too, by the "
+    "same ratio, from the whole prompt (the pipeline's DynamicCache() keeps every token on every layer "
+    "until the press prunes it); new tokens see a sliding layer through the sliding-window mask counted "
+    "in cache slots (the last {window} stored entries), not token positions"
+)
+ROPE_NOTE = (
+    "kvpress hands every attention layer the model's shared rotary embedding, whose forward needs the "
+    "layer type on Gemma-3 in transformers 5; each layer gets it bound to its own type (sliding: local "
+    "RoPE base, full: global), the RoPE the layer itself applies"
+)
+
+
+def rope_needs_layer_type(model: Any) -> bool:
+    """Whether the model's rotary embedding takes a ``layer_type`` (Gemma-3 in transformers 5)."""
+    import inspect
+
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None:
+        return False
+    return "layer_type" in inspect.signature(type(rotary).forward).parameters
+
+
+def bind_layer_rope(model: Any) -> list[Any]:
+    """Before every attention forward, replace the shared rotary embedding kvpress assigned to the layer
+    (``layer.self_attn.rotary_emb``) with one bound to the layer's own type; returns the hook handles."""
+    from torch import nn
+
+    rotary = model.model.rotary_emb
+
+    class LayerRope(nn.Module):
+        def __init__(self, layer_type: str) -> None:
+            super().__init__()
+            self.rotary = rotary
+            self.layer_type = layer_type
+
+        def forward(self, x: Any, position_ids: Any) -> Any:
+            return self.rotary(x, position_ids, self.layer_type)
+
+    def pre(module: Any, args: Any) -> None:
+        if getattr(module, "rotary_emb", None) is rotary:
+            module.rotary_emb = LayerRope(module.layer_type)
+
+    return [layer.self_attn.register_forward_pre_hook(pre) for layer in model.model.layers]
+
+
+def layer_bytes(cache: Any) -> list[int]:
+    """Bytes of keys and values per cache layer."""
+    return [
+        sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        for layer in cache.layers
+    ]
+
+
 class ForwardTimer:
     """Times the pipeline's forward passes. The context prefill (with the press) is a call of the
     decoder stack ``model.model`` on its own; the question and every decode step are calls of the
@@ -120,6 +205,8 @@ class ForwardTimer:
         self.times: list[float] = []
         self.kv_after: list[int] = []
         self.stored_after: list[int] = []
+        self.per_layer: list[int] = []  # entries stored per layer, after the question
+        self.bytes_per_layer: list[int] = []
         self._t0 = 0.0
         self._depth = 0  # > 0 while inside a call of the whole model
         self._handles = []
@@ -141,10 +228,22 @@ class ForwardTimer:
             if len(self.times) <= 2:
                 self.kv_after.append(kv_bytes(self.cache))
                 self.stored_after.append(stored_tokens(self.cache))
+                self.per_layer = [int(layer.keys.shape[-2]) for layer in self.cache.layers]
+                self.bytes_per_layer = layer_bytes(self.cache)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def split_ids(ids: list[int], split: int, mode: str) -> tuple[list[int], list[int]]:
+    """(compressed, appended) token ids of a plain prompt: query-agnostic splits at flowsieve's
+    ``Prompt.split``; query-aware compresses everything but the last token (see the module docstring)."""
+    if mode == "query_aware":
+        return ids[:-1], ids[-1:]
+    if not 0 < split < len(ids):
+        raise PeerError(f"the prompt's context/question split {split} is outside its {len(ids)} tokens")
+    return ids[:split], ids[split:]
 
 
 def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -154,6 +253,7 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
 
     set_threads(cfg["threads"])
     method, keep, mode = cfg["method"], float(cfg["keep"]), cfg["mode"]
+    chat = bool(cfg.get("chat", True))
     ratio = round(1.0 - keep, 6)
     press = make_press(method, ratio)
     if method in LAYERWISE:
@@ -162,10 +262,27 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
     t0 = time.perf_counter()
     model, tok, model_dir = load_model(cfg, attn_implementation=attn)
     load_s = time.perf_counter() - t0
+    if chat and getattr(tok, "chat_template", None) is None:
+        raise PeerError(f"{cfg.get('model_name')} has no chat template; run it with chat=False (--no-chat)")
+    rope_hooks = bind_layer_rope(model) if rope_needs_layer_type(model) else []
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
     n_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     instruction = cfg.get("instruction")
     max_new = int(cfg["max_new_tokens"])
+    elt = next(model.parameters()).element_size()
+    layer_types = list(getattr(model.config, "layer_types", None) or [])
+    sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    window = getattr(model.config, "sliding_window", None)
+    if chat:
+        compressed_span = (
+            "every token before the question, including the chat template's system prompt and user header"
+        )
+        aware = "only the assistant header is appended"
+    else:
+        compressed_span = (
+            "<bos> and the context (flowsieve's Prompt.split); the question and instruction are appended"
+        )
+        aware = "only the prompt's last token is appended (no chat template, no assistant header)"
     common = {
         "peer": "kvpress",
         "versions": versions("kvpress", "tokenizers"),
@@ -173,58 +290,90 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
         "press_class": type(press).__name__,
         "compression_ratio": ratio,
         "attn_implementation": attn,
+        "model": cfg.get("model_name"),
+        "model_class": type(model).__name__,
         "model_dir": str(model_dir),
+        "chat": chat,
+        "prompt_ids": (
+            "kvpress pipeline preprocessing (chat template), compared with flowsieve's ids"
+            if chat
+            else "flowsieve's build_prompt(chat=False) ids (checked equal), given to the pipeline's forward"
+        ),
         "load_s": round(load_s, 3),
         "threads": torch.get_num_threads(),
         "mode_detail": (
-            "query_aware: context + question + instruction compressed together as kvpress's context "
-            "(question tokens can be evicted); only the assistant header is appended"
+            f"query_aware: context + question + instruction compressed together as kvpress's context "
+            f"(question tokens can be evicted); {aware}"
             if mode == "query_aware"
             else "query_agnostic: kvpress pipeline as shipped, context compressed before the question is seen"
         ),
-        "compressed_span": "every token before the question, including the chat template's system prompt and user header",
+        "compressed_span": compressed_span if mode == "query_agnostic" else "all but what is appended",
         "decode_stop": "kvpress stops at generation_config.eos_token_id only",
         "peak_rss": "the runner process (its own libraries and model included), sampled every 5 ms",
         "positions": "question and answer keep their original RoPE positions (kvpress pipeline)",
+        "kv_bytes_full": "flowsieve's full_kv_bytes: sliding-window layers capped at their window",
     }
+    if sliding:
+        common["sliding_layers"] = SLIDING_NOTE.format(window=window)
+        common["sliding_layer_indices"] = sliding
+        common["sliding_window"] = window
+    if rope_hooks:
+        common["rope"] = ROPE_NOTE
     if method in LAYERWISE:
         common["mask_fit"] = MASK_FIT
     if getattr(press, "compression_ratio", None) is not None:
         common["compression_ratio"] = float(press.compression_ratio)
     rows = []
     for n, it in enumerate(items, 1):
+        flowsieve_ids = [int(i) for i in it["prompt_ids"]]
         tail = question_tail(it["question"], instruction)
-        if mode == "query_aware":
-            context, question = it["context"].strip() + tail, ""
+        if chat:
+            if mode == "query_aware":
+                context, question = it["context"].strip() + tail, ""
+            else:
+                context, question = it["context"].strip(), tail
+            # the pipeline's own preprocessing: the token ids kvpress will see
+            pre = pipe.preprocess(
+                context,
+                questions=[question],
+                answer_prefix="",
+                max_context_length=int(1e10),
+            )
+            ctx_ids = pre["context_ids"][0].tolist()
+            q_ids = pre["questions_ids"][0][0].tolist()
+            match = compare_ids(flowsieve_ids, ctx_ids + q_ids)
         else:
-            context, question = it["context"].strip(), tail
-        # the pipeline's own preprocessing: the token ids kvpress will see
-        pre = pipe.preprocess(
-            context,
-            questions=[question],
-            answer_prefix="",
-            max_context_length=int(1e10),
-        )
-        ctx_ids = pre["context_ids"][0].tolist()
-        q_ids = pre["questions_ids"][0][0].tolist()
+            ids, split = flowsieve_prompt(tok, it["context"], it["question"], instruction, chat=False)
+            if ids != flowsieve_ids or split != int(it["prompt_split"]):
+                diff = compare_ids(flowsieve_ids, ids).get(
+                    "token_diff", f"split {split} != {it['prompt_split']}"
+                )
+                raise PeerError(
+                    f"item {it['item_id']}: the peer's tokenizer builds another prompt than flowsieve's ({diff})"
+                )
+            ctx_ids, q_ids = split_ids(ids, split, mode)
+            match = {"tokens_match_flowsieve": True}
         prompt_tokens = len(ctx_ids) + len(q_ids)
         if n_pos and prompt_tokens + max_new > n_pos:
             raise PeerError(
                 f"item {it['item_id']}: the prompt is {prompt_tokens} tokens (+{max_new} new), longer than "
                 f"the model's context of {n_pos}"
             )
-        match = compare_ids(flowsieve_ids(tok, it["context"], it["question"], instruction), ctx_ids + q_ids)
         cache = DynamicCache()
         timer = ForwardTimer(model, cache)
         rss = PeakRSS()
         try:
-            out = pipe(context, question=question, press=press, max_new_tokens=max_new, cache=cache)
+            if chat:
+                out = pipe(context, question=question, press=press, max_new_tokens=max_new, cache=cache)
+            else:
+                inputs = {"context_ids": torch.tensor([ctx_ids]), "questions_ids": [torch.tensor([q_ids])]}
+                answers = pipe.forward(inputs, press=press, max_new_tokens=max_new, cache=cache)
+                out = pipe.postprocess(answers, single_question=True)
         finally:
             peak = rss.stop()
             timer.remove()
         if len(timer.times) < 2:
             raise PeerError("kvpress ran fewer forward passes than expected (context prefill, question)")
-        per_token = full_kv_bytes(model.config, 1, next(model.parameters()).element_size())
         decode_times = timer.times[2:]
         steps = len(decode_times)
         kept_context = timer.stored_after[0]
@@ -236,12 +385,19 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
                 "question_tokens": len(q_ids),
                 "kept_context_tokens": kept_context,
                 # layer-wise presses keep different counts per layer; kept_tokens is the largest
-                "kept_tokens_mean_per_layer": round(timer.kv_after[1] / per_token, 1),
+                "kept_tokens_mean_per_layer": round(sum(timer.per_layer) / len(timer.per_layer), 1),
+                "stored_per_layer": timer.per_layer,
                 "kv_bytes_context": timer.kv_after[0],
                 "context_prefill_s": round(timer.times[0], 4),
                 "question_prefill_s": round(timer.times[1], 4),
             }
         )
+        if sliding:
+            full_layers = [i for i in range(len(timer.per_layer)) if i not in sliding]
+            extra["kv_bytes_sliding_layers"] = sum(timer.bytes_per_layer[i] for i in sliding)
+            extra["kv_bytes_full_attention_layers"] = sum(timer.bytes_per_layer[i] for i in full_layers)
+            # measured, not assumed: whether the press pruned the sliding layers of this prompt
+            extra["sliding_layers_compressed"] = all(timer.per_layer[i] < prompt_tokens for i in sliding)
         if type(press).__name__ == "AdaKVPress":
             from kvpress.utils import compute_n_kept
 
@@ -254,9 +410,7 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
                 "prompt_tokens": prompt_tokens,
                 "kept_tokens": timer.stored_after[1],
                 "kv_bytes": timer.kv_after[1],
-                "kv_bytes_full": full_kv_bytes(
-                    model.config, prompt_tokens, next(model.parameters()).element_size()
-                ),
+                "kv_bytes_full": full_kv_bytes(model.config, prompt_tokens, elt),
                 "peak_rss_mb": round(peak, 1),
                 "prefill_s": round(timer.times[0] + timer.times[1], 4),
                 "decode_tok_s": round(steps / sum(decode_times), 3)
@@ -267,6 +421,8 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
             }
         )
         log(f"{n}/{len(items)} {it['item_id']}: {out['answer'][:60]!r}")
+    for h in rope_hooks:
+        h.remove()
     return rows
 
 

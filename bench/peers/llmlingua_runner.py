@@ -3,8 +3,10 @@
 LLMLingua-1 and LongLLMLingua (``PromptCompressor.compress_prompt`` with ``rank_method`` "llmlingua"
 or "longllmlingua") use the bundled SmolLM2 as their scoring model; the same model then answers the
 compressed prompt inside this runner (one process, one model load), with flowsieve's prompt format
-(chat template, one user turn ``compressed context + "\\n\\n" + question + "\\nAnswer briefly."``) and
-greedy decoding measured like flowsieve's ``generate``. The compressed context is also returned in
+(``compressed context + "\\n\\n" + question + "\\nAnswer briefly."``: one user turn of the chat
+template with ``chat=True``, plain text with the tokenizer's special tokens with ``chat=False``) and
+greedy decoding measured like flowsieve's ``generate``. ``prompt_tokens`` is the length of flowsieve's
+uncompressed prompt (the ids flowsieve's tokenizer gave, handed over with each item). The compressed context is also returned in
 ``extra`` so a caller can answer it with another harness.
 
 Three conditions make LLMLingua-1 run offline here: transformers 4.44 (v5 breaks its tuple-cache
@@ -35,6 +37,7 @@ from _common import (
     PeakRSS,
     PeerError,
     chat_text,
+    compare_ids,
     converted_model_dir,
     eos_ids,
     flowsieve_ids,
@@ -134,6 +137,7 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
 
     set_threads(cfg["threads"])
     method, keep, mode = cfg["method"], float(cfg["keep"]), cfg["mode"]
+    chat = bool(cfg.get("chat", True))
     if method not in ("llmlingua", "longllmlingua"):
         raise PeerError(f"llmlingua runner has no method '{method}'; known: llmlingua, longllmlingua")
     if method == "longllmlingua" and mode != "query_aware":
@@ -163,8 +167,13 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
         "peer": "llmlingua",
         "versions": versions("llmlingua", "tokenizers"),
         "variant": "LongLLMLingua" if method == "longllmlingua" else "LLMLingua-1",
-        "compressor_model": f"smollm2 ({model_dir})",
-        "answered_by": "the same SmolLM2 in this runner (transformers 4.44), flowsieve's chat prompt, greedy",
+        "compressor_model": f"{cfg.get('model_name', 'smollm2')} ({model_dir})",
+        "answered_by": (
+            "the same model in this runner (transformers 4.44), flowsieve's "
+            + ("chat prompt" if chat else "plain prompt (chat=False)")
+            + ", greedy"
+        ),
+        "chat": chat,
         "load_s": round(load_s, 3),
         "threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -177,12 +186,13 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
             )
         ),
         "peak_rss": "the runner process (its own libraries and model included), sampled every 5 ms",
-        "token_counter": "tiktoken.encoding_for_model replaced by the SmolLM2 tokenizer",
+        "token_counter": "tiktoken.encoding_for_model replaced by the model's tokenizer",
     }
     rows = []
     for n, it in enumerate(items, 1):
         context, question = it["context"].strip(), it["question"].strip()
-        full_ids = flowsieve_ids(tok, context, question, instruction)
+        full_ids = [int(i) for i in it["prompt_ids"]]  # flowsieve's own tokenizer
+        match = compare_ids(full_ids, flowsieve_ids(tok, context, question, instruction, chat=chat))
         ctx_tokens = count(context)
         docs = split_documents(context, count, method)
         target = max(1, round(keep * ctx_tokens))
@@ -202,8 +212,10 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
             compressed = res["compressed_prompt"].strip()
             if not compressed:
                 raise PeerError(f"item {it['item_id']}: LLMLingua returned an empty prompt")
-            text = chat_text(tok, compressed + question_tail(question, instruction))
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            text = compressed + question_tail(question, instruction)
+            if chat:
+                text = chat_text(tok, text)
+            ids = list(tok(text, add_special_tokens=not chat)["input_ids"])
             if n_pos and len(ids) + max_new > n_pos:
                 raise PeerError(
                     f"item {it['item_id']}: the compressed prompt is {len(ids)} tokens (+{max_new} new), "
@@ -214,6 +226,7 @@ def run(items: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]
             peak = rss.stop()
         kept_ctx = count(compressed)
         extra = dict(common)
+        extra.update(match)
         extra.update(
             {
                 "settings": {k: v for k, v in kwargs.items() if k != "question"},

@@ -8,10 +8,18 @@ environment's python, and reads back one row per item with the same fields flows
 report (:class:`flowsieve.generate.GenResult`). The runners call the peers' public APIs; no peer
 code is copied into flowsieve.
 
-Both runners use the bundled SmolLM2 (its GGUF, converted once inside each peer's environment, since
-a tokenizer must be read by the transformers version that saved it) and the prompt flowsieve uses:
-the chat template with one user turn ``context + "\\n\\n" + question + "\\nAnswer briefly."``, greedy
-decoding.
+Models: both runners load the bundled SmolLM2; kvpress also the bundled Gemma-3-270M
+(``PeerSpec.models``; LLMLingua's transformers 4.44 cannot read Gemma-3). The GGUF is converted once
+inside each peer's environment (a tokenizer must be read by the transformers version that saved it;
+Gemma-3's tokenizer is the one flowsieve's transformers converts, see ``bench/peers/_common.py``).
+
+Prompt: flowsieve's :func:`flowsieve.generate.build_prompt` with ``chat`` as the sweep has it: the
+text ``context + "\\n\\n" + question + "\\nAnswer briefly."`` as one user turn of the chat template
+(``chat=True``), or as it is with the tokenizer's special tokens (``chat=False``, e.g. Gemma-3's
+``<bos>``); greedy decoding. :func:`run_peer` tokenizes every item with flowsieve's own tokenizer and
+hands the token ids to the runner: the kvpress runner runs a plain prompt on exactly those ids (and
+fails if its own tokenizer disagrees); rows say whether the peer's tokens matched
+(``extra["tokens_match_flowsieve"]``).
 
 Modes (see each runner's docstring for the details, which are also written into every row's
 ``extra``):
@@ -68,6 +76,10 @@ class PeerSpec:
     """File name of the runner script in ``bench/peers/``."""
     only_modes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Methods that run in some modes only (method -> modes); the rest run in both."""
+    models: tuple[str, ...] = ("smollm2",)
+    """The bundled models (``flowsieve.models.BUNDLED``) the runner loads."""
+    models_note: str = ""
+    """Why other bundled models are not supported (said in the error)."""
 
     def modes(self, method: str) -> tuple[str, ...]:
         return self.only_modes.get(method, MODES)
@@ -90,6 +102,7 @@ PEERS: dict[str, PeerSpec] = {
             "adakv_expected_attention": "AdaKVPress(ExpectedAttentionPress)",
         },
         runner="kvpress_runner.py",
+        models=("smollm2", "gemma3-270m"),
     ),
     "llmlingua": PeerSpec(
         system="llmlingua",
@@ -103,6 +116,7 @@ PEERS: dict[str, PeerSpec] = {
         runner="llmlingua_runner.py",
         # LongLLMLingua ranks and prunes with the question; compress_prompt refuses to run without one
         only_modes={"longllmlingua": ("query_aware",)},
+        models_note="its environment's transformers 4.44 cannot read Gemma-3",
     ),
 }
 
@@ -347,8 +361,25 @@ def _check_rows(system: str, rows: list[dict[str, Any]], ids: list[str]) -> list
 # --- running -----------------------------------------------------------------------------------------
 
 
-def _check_args(system: str, method: str, keep: float, mode: str, max_new_tokens: int, threads: int) -> None:
+def _check_args(
+    system: str,
+    method: str,
+    keep: float,
+    mode: str,
+    max_new_tokens: int,
+    threads: int,
+    model_name: str,
+    chat: bool,
+) -> None:
     peer_method(system, method)
+    spec = peer_spec(system)
+    if model_name not in spec.models:
+        why = f" ({spec.models_note})" if spec.models_note else ""
+        raise FlowsieveError(
+            f"{system} runs with the bundled {' and '.join(spec.models)} only, not '{model_name}'{why}"
+        )
+    if not isinstance(chat, bool):
+        raise FlowsieveError(f"chat must be True or False, got {chat!r}")
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise FlowsieveError(f"keep must be a fraction in (0, 1], got {keep!r}")
     if mode not in MODES:
@@ -364,10 +395,41 @@ def _check_args(system: str, method: str, keep: float, mode: str, max_new_tokens
 
 
 def peer_cache_dir() -> Path:
-    """Where the runners keep SmolLM2 converted by their own transformers (``<cache>/peers``)."""
+    """Where the runners keep the bundled models converted by their own transformers (``<cache>/peers``)."""
     from flowsieve.models import cache_dir
 
     return cache_dir() / "peers"
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def flowsieve_tokenizer(model_name: str) -> tuple[Any, Path]:
+    """Flowsieve's tokenizer of bundled ``model_name`` (what its own cells tokenize with) and a directory
+    it is saved in (``<cache>/peers/flowsieve-tokenizers/<name>-tf<version>``), converted from the GGUF
+    by flowsieve's transformers once. Loaded once per process."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from flowsieve.models import BUNDLED
+
+    target = peer_cache_dir() / "flowsieve-tokenizers" / f"{model_name}-tf{transformers.__version__}"
+    tok = _TOKENIZERS.get(model_name)
+    if tok is None:
+        if (target / "tokenizer_config.json").exists():
+            tok = AutoTokenizer.from_pretrained(target)
+        else:
+            gguf_dir, gguf_file = BUNDLED[model_name].locate()
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        _TOKENIZERS[model_name] = tok
+    if not (target / "tokenizer_config.json").exists():
+        with _locked(target.with_name(target.name + ".lock")):
+            if not (target / "tokenizer_config.json").exists():
+                tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tok.save_pretrained(tmp)
+                tmp.rename(target)
+    return tok, target
 
 
 def run_peer(
@@ -380,6 +442,7 @@ def run_peer(
     max_new_tokens: int = 32,
     threads: int = 2,
     *,
+    chat: bool = True,
     timeout: float | None = None,
     build: bool = True,
 ) -> list[dict[str, Any]]:
@@ -391,10 +454,14 @@ def run_peer(
         method: our name of the peer's method (``PEER_METHODS[system]``).
         keep: fraction of the context kept (kvpress ``compression_ratio = 1 - keep``; LLMLingua
             ``rate = keep``).
-        model_name: the bundled model; only ``smollm2`` is wired into the runners.
+        model_name: the bundled model (``PEERS[system].models``: ``smollm2``; kvpress also
+            ``gemma3-270m``).
         mode: ``query_aware`` (question seen while compressing) or ``query_agnostic``.
         max_new_tokens: greedy decoding length limit.
         threads: torch threads in the runner.
+        chat: flowsieve's prompt with the chat template (``True``) or plain text with the tokenizer's
+            special tokens (``False``; models without a chat template, e.g. gemma3-270m), as
+            :func:`flowsieve.generate.build_prompt` builds it.
         timeout: seconds for the whole run (default: 600 + 600 per item; a guard against hangs:
             LongLLMLingua alone took up to 100 s per 500-token item on a busy 2-core machine).
         build: create the environment when it is missing (else a missing one is an error).
@@ -407,9 +474,7 @@ def run_peer(
     Raises:
         FlowsieveError: bad arguments, or the peer could not be set up or run (one readable line).
     """
-    _check_args(system, method, keep, mode, max_new_tokens, threads)
-    if model_name != "smollm2":
-        raise FlowsieveError(f"peers run only with the bundled smollm2 for now, not '{model_name}'")
+    _check_args(system, method, keep, mode, max_new_tokens, threads, model_name, chat)
     items = list(items)
     if not items:
         return []
@@ -426,9 +491,15 @@ def run_peer(
                 f"the {system} environment {env} does not exist or is incomplete; create it with "
                 f"flowsieve.bench.peers.ensure_env('{system}')"
             )
+    from flowsieve.generate import build_prompt
     from flowsieve.models import BUNDLED
 
     gguf_dir, gguf_file = BUNDLED[model_name].locate()
+    tok, tok_dir = flowsieve_tokenizer(model_name)
+    records = []
+    for it in items:
+        prompt = build_prompt(tok, it.context, it.question, chat=chat, instruction=_instruction())
+        records.append(item_record(it) | {"prompt_ids": list(prompt.ids), "prompt_split": prompt.split})
     if timeout is None:
         timeout = 600 + 600 * len(items)
     config = {
@@ -439,6 +510,8 @@ def run_peer(
         "max_new_tokens": max_new_tokens,
         "threads": threads,
         "model_name": model_name,
+        "chat": chat,
+        "tokenizer_dir": str(tok_dir),
         "gguf_dir": str(gguf_dir),
         "gguf_file": gguf_file,
         "cache_dir": str(peer_cache_dir()),
@@ -446,7 +519,7 @@ def run_peer(
     }
     with tempfile.TemporaryDirectory(prefix=f"flowsieve-{system}-") as tmp:
         tmpd = Path(tmp)
-        write_jsonl(tmpd / "items.jsonl", (item_record(it) for it in items))
+        write_jsonl(tmpd / "items.jsonl", records)
         (tmpd / "config.json").write_text(json.dumps(config))
         cmd = [
             str(env_python(env)),
