@@ -423,7 +423,8 @@ def run_compressed(
     if not takes_any and not {"sieve", "mode"} <= set(params):
         raise FlowsieveError(f"method '{method}' is not available: generate() takes no sieve and mode")
     name, options = parse_method(method)
-    sieve = sieve_cls(name, keep=keep, budget=budget, site=site, options=options)
+    extra = {"options": options} if options else {}
+    sieve = sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
     return _gen.generate(
         model,
         tok,
