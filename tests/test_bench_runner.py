@@ -481,6 +481,56 @@ def test_peer_rows_are_scored_here(fakes, monkeypatch, tmp_path):
         assert again.written == 0 and again.failed == 1
 
 
+def test_prompt_peer_with_a_compressor_is_answered_by_the_sweep_model(fakes, monkeypatch, tmp_path):
+    """--compressor: llmlingua compresses with that model; the sweep's model answers its context."""
+    calls = []
+
+    def run_peer(system, items, method, keep, model_name, mode, max_new_tokens, chat=True):
+        calls.append((system, model_name, chat))
+        return [
+            {
+                "item_id": it.item_id,
+                "prediction": "the compressor's own answer",
+                "prompt_tokens": 100,
+                "kept_tokens": 33,
+                "kv_bytes": 330,
+                "kv_bytes_full": 1000,
+                "peak_rss_mb": 900.0,
+                "prefill_s": 0.3,
+                "decode_tok_s": 20.0,
+                "new_tokens": 4,
+                "extra": {"compressed_context": it.context, "compress_s": 2.0},
+            }
+            for it in items
+        ]
+
+    peers = types.ModuleType("flowsieve.bench.peers")
+    peers.run_peer = run_peer
+    monkeypatch.setitem(sys.modules, "flowsieve.bench.peers", peers)
+    monkeypatch.setattr(gen, "build_prompt", lambda tok, c, q, chat=True: list(range(len(c.split()) + 5)))
+    monkeypatch.setattr(gen, "full_kv_bytes", lambda model, n, b=4: 10 * n)
+    monkeypatch.setattr(gen, "_dtype_bytes", lambda model: 4)
+    cfg = small_config(
+        methods=["full"],
+        modes=["query_aware"],
+        keeps=[0.33],
+        limit=2,
+        chat=False,
+        compressor="small",
+        peers={"llmlingua": ["llmlingua"]},
+    )
+    with Store(tmp_path / "r.sqlite") as store:
+        s = sweep(cfg, store)
+        assert s.failed == 0, store.failures()
+        assert calls == [("llmlingua", "small", True)]
+        rows = store.rows(system="llmlingua")
+    assert len(rows) == 2 and all(r["score"] == 1.0 for r in rows)  # the sweep model's (right) answer
+    for r in rows:
+        assert r["extra"]["compressor_answer"] == "the compressor's own answer"
+        assert r["extra"]["answered_by"] == "fake" and r["extra"]["compressor"] == "small"
+        assert r["prefill_s"] >= 2.0  # compression time counts into the time to first token
+
+
 # --- a real sweep killed midway --------------------------------------------------------------------
 
 KILL_CONFIG = dict(methods=["full", "a"], keeps=[0.5, 0.25, 0.1], lengths=[100], limit=4)

@@ -798,7 +798,7 @@ def run_sweep(
     writer = _Writer(store, summary.run_id, vers, ghash, pbar, fail_fast)
     try:
         if local and ray_address is not None:
-            del model
+            model = None
             _run_ray(local, config, writer, ray_address, ray_workers, loader)
         elif local:
             if model is None:
@@ -828,7 +828,7 @@ def run_sweep(
                         continue
                     writer.row(row)
         if peer:
-            summary.peer_errors = _run_peers(peer, config, writer)
+            summary.peer_errors = _run_peers(peer, config, writer, model, tokenizer, loader)
     finally:
         pbar.close()
         summary.written, summary.failed = writer.written, writer.failed
@@ -837,8 +837,57 @@ def run_sweep(
     return summary
 
 
-def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[str, str]:
-    """Run peer cells in batches (system, method, keep, mode, task variant, seed) through ``run_peer``."""
+def _answer_compressed(
+    model: Any, tok: Any, job: Job, row: Mapping[str, Any], config: SweepConfig
+) -> dict[str, Any]:
+    """A prompt-site peer row answered again by the sweep's model: the peer compressed the context
+    with ``config.compressor``; the sweep's model answers the compressed context, as flowsieve's own
+    prompt-site cells do (:func:`run_prompt_site`)."""
+    extra = dict(row.get("extra") or {})
+    context = extra.get("compressed_context")
+    if not isinstance(context, str) or not context.strip():
+        raise FlowsieveError("the peer row carries no compressed context to answer")
+    res = _gen.generate(
+        model, tok, context, job.item.question, chat=config.chat, max_new_tokens=config.max_new_tokens
+    )
+    full = _gen.build_prompt(tok, job.item.context, job.item.question, chat=config.chat)
+    compress_s = float(extra.get("compress_s") or 0.0)
+    extra.update(
+        {
+            "compressor": config.compressor,
+            "answered_by": config.model,
+            "compressor_answer": row.get("prediction"),
+            "token_ids": res.token_ids,
+        }
+    )
+    return {
+        "item_id": row["item_id"],
+        "prediction": res.text,
+        "prompt_tokens": len(full),
+        "kept_tokens": res.prompt_tokens,
+        "kv_bytes": res.kv_bytes,
+        "kv_bytes_full": _gen.full_kv_bytes(model, len(full), _gen._dtype_bytes(model)),
+        "peak_rss_mb": res.peak_rss_mb,
+        "prefill_s": res.prefill_s + compress_s,
+        "decode_tok_s": res.decode_tok_s,
+        "new_tokens": res.new_tokens,
+        "versions": row.get("versions"),
+        "extra": extra,
+    }
+
+
+def _run_peers(
+    jobs: list[Job],
+    config: SweepConfig,
+    writer: _Writer,
+    model: Any = None,
+    tok: Any = None,
+    loader: Loader | None = None,
+) -> dict[str, str]:
+    """Run peer cells in batches (system, method, keep, mode, task variant, seed) through ``run_peer``.
+
+    A prompt-site peer (llmlingua) with ``config.compressor`` set compresses with that model (in its
+    own environment); the sweep's model then answers every compressed context here."""
     errors: dict[str, str] = {}
     try:
         peers = _peers_module()
@@ -886,11 +935,16 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
         batches.setdefault(key, []).append(j)
     for (system, method, keep, mode, task, params, _seed), batch in batches.items():
         writer.pbar.set_postfix_str(f"{system}:{method} {keep} {mode}", refresh=False)
+        reanswer = PEER_SITES[system] == "prompt" and config.compressor not in (None, config.model)
+        kw = dict(peer_kw)
+        if reanswer and "chat" in kw:
+            kw["chat"] = True  # the compressor's own prompt; its answer is replaced below
         group = {"model": config.model, "system": system, "method": method, "keep": keep, "mode": mode}
         group |= {"site": PEER_SITES[system], "task": task, "item_id": f"{ANY}{params}"}
         try:
-            args = (system, [j.item for j in batch], method, keep, config.model, mode, config.max_new_tokens)
-            rows = run_peer(*args, **peer_kw)
+            name = config.compressor if reanswer else config.model
+            args = (system, [j.item for j in batch], method, keep, name, mode, config.max_new_tokens)
+            rows = run_peer(*args, **kw)
         except Exception as e:
             why = f"{system}:{method} at keep {keep} ({mode}) failed: {_describe(e)}"
             writer.failure(group, why, count=len(batch))
@@ -911,6 +965,10 @@ def _run_peers(jobs: list[Job], config: SweepConfig, writer: _Writer) -> dict[st
                 errors[system] = f"{system}:{method} returned no row for some items"
                 continue
             try:
+                if reanswer:
+                    if model is None:
+                        model, tok = (loader or _compressor)(config.model)
+                    r = _answer_compressed(model, tok, j, r, config)
                 writer.row(score_row(j, r))
             except Exception as e:
                 writer.failure(j.cell, f"bad row from the {system} runner: {_describe(e)}")
