@@ -432,6 +432,38 @@ def test_vflowopt_recycle_hook_on_a_cache(tiny_causal):
     assert VFlowOptScorer(recycle_dropped=False).recycle(None, None, None, None, None) is None
 
 
+@pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])
+def test_sieve_compress_recycles_for_vflowopt(tiny_causal, mode):
+    """Sieve.compress calls the recycling hook: the same entries are kept as without it, and the kept
+    values differ from plain pruning's (the merge itself is checked in the merge_dropped tests)."""
+    _, model = tiny_causal
+    T, c0, c1 = 48, 3, 38
+    p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1 + 2, T), split=c1)
+    on = Sieve("vflowopt", keep=0.5, window=6)
+    off = Sieve("vflowopt", keep=0.5, window=6, options={"recycle_dropped": False})
+    a, _, _ = prefill_with_sieve(model, p, on, mode)
+    b, _, _ = prefill_with_sieve(model, p, off, mode)
+    changed = 0
+    for i in a.sieve_layers:
+        assert torch.equal(a.layer(i).positions, b.layer(i).positions)  # same selection
+        ka, va = a.stored_kv(i)
+        kb, vb = b.stored_kv(i)
+        assert ka.shape == kb.shape
+        changed += int(not torch.equal(va, vb))
+    assert changed > 0
+
+
+def test_replace_kv_checks_shapes(tiny_llama_model):
+    cache = SieveCache(tiny_llama_model)
+    with torch.inference_mode():
+        tiny_llama_model(input_ids=torch.tensor([_ids(10)]), cache=cache, use_cache=True)
+    k, v = cache.stored_kv(0)
+    cache.replace_kv(0, k * 2, v)
+    assert torch.equal(cache.stored_kv(0)[0], k * 2)
+    with pytest.raises(FlowsieveError, match="replace_kv"):
+        cache.replace_kv(0, k[..., :5, :], v)
+
+
 # -------------------------------------------------------------------------------------------- pyramid
 
 

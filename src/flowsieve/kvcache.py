@@ -309,6 +309,25 @@ class SieveCache(Cache):
             )
         return layer
 
+    def stored_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored (keys, values) of a sieve layer, (B, Hk, S, d) each (read-only use)."""
+        layer = self.layer(layer_idx)
+        if layer_idx not in self.sieve_layers or layer.keys is None or layer.values is None:
+            raise FlowsieveError(f"layer {layer_idx} is not an initialised sieve layer")
+        return layer.keys, layer.values
+
+    def replace_kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the stored keys and values of a sieve layer with tensors of the same shape and
+        dtype (a method that merges entries, e.g. VFlowOpt's recycling); positions are unchanged."""
+        old_k, old_v = self.stored_kv(layer_idx)
+        if keys.shape != old_k.shape or values.shape != old_v.shape:
+            raise FlowsieveError(
+                f"replace_kv: shapes {tuple(keys.shape)}, {tuple(values.shape)} differ from the stored "
+                f"{tuple(old_k.shape)}, {tuple(old_v.shape)}"
+            )
+        layer = self.layer(layer_idx)
+        layer.keys, layer.values = keys.to(old_k.dtype), values.to(old_v.dtype)
+
     def keep(self, layer_idx: int, idx: torch.Tensor) -> None:
         """``SieveLayer.keep`` on one layer; idx (S',) or (B|1, Hk|1, S') into its stored entries."""
         self.layer(layer_idx).keep(idx)

@@ -170,7 +170,11 @@ class Sieve:
             if not n_protected <= ki <= T:
                 raise FlowsieveError(f"layer {i}: budget {ki} outside [{n_protected}, {T}]")
             if ki < T:
-                cache.keep(i, select_topk(scores[i], prot[i], ki))
+                idx = select_topk(scores[i], prot[i], ki)
+                merged = self.scorer.recycle(*cache.stored_kv(i), scores[i], idx, prot[i])
+                if merged is not None:
+                    cache.replace_kv(i, *merged)
+                cache.keep(i, idx)
         return round(sum(plan.values()) / len(plan))
 
     @contextlib.contextmanager

@@ -70,6 +70,20 @@ class KVScorer:
         unless a method says otherwise)."""
         return scores
 
+    def recycle(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scores: torch.Tensor,
+        keep: torch.Tensor,
+        protect: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Post-selection hook: one layer's stored (keys, values) (B, Hk, T, d) with what the method
+        folds into the kept entries, or None (the default: dropped entries are simply evicted).
+        ``scores`` are the layer's accumulated scores, ``keep`` what ``select_topk`` chose and
+        ``protect`` the layer's protect mask."""
+        return None
+
     def decode_spec(self) -> ObserveSpec:
         """What the decode site observes at every step (the step's own attention row by default)."""
         return ObserveSpec(current=True, slots=True)

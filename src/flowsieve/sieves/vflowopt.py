@@ -30,8 +30,8 @@ What changed for a text context (candidates = the context tokens):
   keeps the budget exact. A window with no kept context entry loses its dropped entries. Keys are
   post-RoPE, so merged keys average rotations of nearby positions; the merged entry keeps the
   receiver's position. Protected entries are never merged into;
-- the recycling needs a hook in :meth:`flowsieve.sieve.Sieve.compress` that does not exist yet
-  (:meth:`VFlowOptScorer.recycle`, proposed); without it the scorer prunes like any other;
+- :meth:`flowsieve.sieve.Sieve.compress` calls :meth:`VFlowOptScorer.recycle` after each layer's
+  selection (``recycle_dropped=False`` turns it off: plain pruning);
 - no progressive LLM-stage schedule and no Bayesian optimisation: the sieve's budget is used in
   every layer.
 """
@@ -173,7 +173,7 @@ class VFlowOptScorer(KVScorer):
         keep: torch.Tensor,
         protect: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Proposed post-selection hook: full-length (keys, values) with dropped entries merged, or None.
+        """Post-selection hook: full-length (keys, values) with dropped entries merged, or None.
 
         Args: one layer's cached keys/values (B, Hk, T, d) before the selection, that layer's scores
         after :meth:`accumulate`, the indices ``select_topk`` returned, and the protect mask (T,).
