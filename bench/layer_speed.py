@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -76,11 +77,17 @@ def main() -> None:
     from flowsieve.sieve import Sieve
 
     model, tok = flowsieve.load(a.model)
-    prompt = build_prompt(tok, haystack(tok, a.tokens), QUESTION)
+    chat = getattr(tok, "chat_template", None) is not None  # base models (gemma3-270m): plain text
+    prompt = build_prompt(tok, haystack(tok, a.tokens), QUESTION, chat=chat)
     T = len(prompt)
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    methods = [m for m in a.methods.split(",") if m]
-    sieves = {m: Sieve(m, keep=a.keep, site="layer") for m in methods}
+    from flowsieve.bench.runner import parse_method
+
+    methods = [m for m in re.split(r",(?![^\[]*\])", a.methods) if m]  # NAME@OPT=VALUE, as in bench
+    sieves = {}
+    for m in methods:
+        name, options = parse_method(m)
+        sieves[m] = Sieve(name, keep=a.keep, site="layer", options=options)
     x = torch.tensor([prompt.ids])
 
     def plain() -> tuple[float, int]:
