@@ -7,7 +7,7 @@ NVIDIA's RULER data), then
 - ``plain``: prefills the prompt into a stock cache (SDPA);
 - ``METHOD``: prefills while observing what the method needs, scores and shrinks the cache to
   ``--keep`` (query-aware, one pass);
-- ``METHOD@chunk``: the same in chunks of ``--chunk`` tokens, compressing after each chunk, so the
+- ``METHOD#chunk``: the same in chunks of ``--chunk`` tokens, compressing after each chunk, so the
   cache never holds more than budget + chunk entries;
 
 and then decodes exactly ``--decode`` greedy tokens (end-of-sequence ignored, so every job does
@@ -42,7 +42,8 @@ def child(job: str, a: argparse.Namespace) -> dict:
 
     model, tok = flowsieve.load(a.model)
     item = get_task("needle", length=a.tokens).items(tok, 1, 0)[0]
-    prompt = build_prompt(tok, item.context, item.question)
+    chat = getattr(tok, "chat_template", None) is not None  # base models (gemma3-270m): plain text
+    prompt = build_prompt(tok, item.context, item.question, chat=chat)
     with torch.inference_mode():  # page the (memory-mapped) weights in and warm the kernels
         model(input_ids=torch.tensor([prompt.ids[:64]]), use_cache=False, logits_to_keep=1)
     base = psutil.Process().memory_info().rss / 2**20
@@ -57,8 +58,11 @@ def child(job: str, a: argparse.Namespace) -> dict:
                 input_ids=torch.tensor([prompt.ids]), cache=cache, use_cache=True, logits_to_keep=1
             ).logits
         else:
-            method, _, chunk = job.partition("@")
-            sieve = Sieve(method, keep=a.keep, chunk=int(chunk) if chunk else None)
+            from flowsieve.bench.runner import parse_method
+
+            method, _, chunk = job.partition("#")
+            name, options = parse_method(method)
+            sieve = Sieve(name, keep=a.keep, chunk=int(chunk) if chunk else None, options=options)
             cache, logits, _ = prefill_with_sieve(model, prompt, sieve, "query_aware")
         prefill_s = time.perf_counter() - t0
         prefill_peak = rss.stop()
@@ -97,7 +101,7 @@ def main() -> None:
         print(json.dumps(child(a.child, a)))
         return
     methods = [m for m in a.methods.split(",") if m]
-    jobs = ["plain", *methods] + ([f"{methods[0]}@{a.chunk}"] if a.chunk and methods else [])
+    jobs = ["plain", *methods] + ([f"{methods[0]}#{a.chunk}"] if a.chunk and methods else [])
     runs: dict[str, list[dict]] = {j: [] for j in jobs}
     for r in range(a.repeats):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
