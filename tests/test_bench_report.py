@@ -218,10 +218,20 @@ def test_ratios_against_the_same_items(index):
     rows = re.findall(r"<tr>(.*?)</tr>", ratios)
     flowcut = next(r for r in rows if "flowcut@prefill</td><td>keep 0.25" in r)
     cells = re.findall(r"<td>(.*?)</td>", flowcut)
-    # method, setting, paired, score, full score, prefill, decode, kv, rss, agreement, kept
+    # method, setting, paired, score, full score, prefill, decode, kv, rss, token agreement,
+    # word agreement, kept
     assert cells[2] == "4" and cells[4] == "0.750"
     assert cells[5:9] == ["0.50×", "2.00×", "0.25×", "1.00×"]
-    assert cells[9] == "0.50" and cells[10] == "0.25"
+    assert cells[9] == "0.50" and cells[11] == "0.25"
+    assert cells[10] == "0.00"  # its answers differ from the full run's from the first word on
+
+
+def test_word_agreement():
+    from flowsieve.bench.report import _prefix_agreement, _words
+
+    full, half = _words("The code is 4817."), _words("the code is: 48")
+    assert _prefix_agreement(half, full) == 0.75 and _prefix_agreement(full, full) == 1.0
+    assert _words("") is None
 
 
 def test_strings_from_the_store_are_escaped(index):

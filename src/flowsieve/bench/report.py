@@ -93,6 +93,15 @@ def _prefix_agreement(ids: Sequence[int] | None, ref: Sequence[int] | None) -> f
     return n / len(ref)
 
 
+def _words(text: str | None) -> list[str] | None:
+    """The normalised words of an answer (what every system reports, peers included)."""
+    if not text:
+        return None
+    from flowsieve.bench.tasks.base import normalize
+
+    return normalize(text).split() or None
+
+
 @dataclass
 class Group:
     """The rows of one (model, task variant, mode, method line, keep/budget)."""
@@ -159,6 +168,7 @@ class Ratios:
     kv: float | None
     rss: float | None
     agreement: float | None
+    word_agreement: float | None
     kept: float | None
 
 
@@ -188,6 +198,9 @@ def ratios(sec: Section, mode: str, g: Group) -> Ratios:
         kv=kv,
         rss=_ratio(m(a, "peak_rss_mb"), m(b, "peak_rss_mb")),
         agreement=agree,
+        word_agreement=_mean(
+            _prefix_agreement(_words(r.get("prediction")), _words(f.get("prediction"))) for r, f in pairs
+        ),
         kept=_ratio(m(a, "kept_tokens"), m(a, "prompt_tokens")),
     )
 
@@ -417,6 +430,7 @@ def ratio_table(sec: Section, mode: str) -> str:
                     _f(_div(g.mean("kv_bytes"), 2**20), 2) + " MiB",
                     _f(g.mean("peak_rss_mb"), 0) + " MB",
                     "1.00",
+                    "1.00",
                     _f(_ratio(g.mean("kept_tokens"), g.mean("prompt_tokens")), 2),
                 ]
             )
@@ -434,6 +448,7 @@ def ratio_table(sec: Section, mode: str) -> str:
                 _x(r.kv),
                 _x(r.rss),
                 _f(r.agreement, 2),
+                _f(r.word_agreement, 2),
                 _f(r.kept, 2),
             ]
         )
@@ -448,6 +463,7 @@ def ratio_table(sec: Section, mode: str) -> str:
         "KV bytes",
         "peak RSS",
         "token agreement",
+        "word agreement",
         "kept / prompt tokens",
     ]
     return _table(header, rows, "ratios")
@@ -583,6 +599,20 @@ def markdown_tables(rows: Iterable[Mapping[str, Any]]) -> str:
                     continue
                 cells = [_md_cell(sec, mode, groups.get((line, s))) for s in settings]
                 out.append(f"| {line} | " + " | ".join(cells) + " |")
+            out.append("")
+            out.append(
+                "Agreement with the full-context answer (share of its words reproduced before the first difference):\n"
+            )
+            out.append("| method | " + " | ".join(_setting_label(s) for s in settings) + " |")
+            out.append("|---" * (len(settings) + 1) + "|")
+            for line in lines:
+                if line == FULL:
+                    continue
+                cells = []
+                for st in settings:
+                    g = groups.get((line, st))
+                    cells.append("" if g is None else _f(ratios(sec, mode, g).word_agreement, 2))
+                out.append(f"| {line} | " + " | ".join(cells) + " |")
             systems = sorted({g.system for g in groups.values()}, key=lambda x: (x != "flowsieve", x))
             out.append("")
             out.append("| keep | " + " | ".join(f"best {x} (score, KV bytes / full)" for x in systems) + " |")
@@ -652,7 +682,8 @@ def write_report(db: str | Path, out: str | Path) -> Path:
 <h1>{_e(title)}</h1>
 <p class=note>Scores are means over items (each task's own metric, in [0, 1]). Ratios divide a
 method's mean by the full-context mean over the same items: prefill time and KV bytes below 1× and
-decode speed above 1× are better. Token agreement: share of the full run's generated tokens
+decode speed above 1× are better. Word agreement: share of the full run's answer words (normalised)
+reproduced before the first difference, for every system. Token agreement: share of the full run's generated tokens
 reproduced before the first difference. {_e(PEER_NOTE)}</p>
 <ul>{"".join(toc)}</ul>
 {"".join(parts)}
