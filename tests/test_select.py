@@ -511,6 +511,9 @@ def test_runtime_errors(tiny_llama_model):
     with pytest.raises(FlowsieveError, match="select site"):
         SelectRuntime(model, Sieve("snapkv", keep=0.5))
     with pytest.raises(FlowsieveError, match=r"Sieve\.on supports"):
+        with Sieve("snapkv", keep=0.5).on(model, site="prompt"):
+            pass
+    with pytest.raises(FlowsieveError, match="does not support site 'layer'"):
         with Sieve("snapkv", keep=0.5).on(model, site="layer"):
             pass
 
