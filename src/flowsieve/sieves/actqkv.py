@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.sieves.base import METHODS, KeySelectMethod, span_index
+from flowsieve.sieves.base import METHODS, KeySelectMethod, span_index, split_budget
 
 # the released configuration: 64 initial entries, 512 local, 46 blocks of 32
 _PAPER_INIT, _PAPER_LOCAL, _PAPER_BLOCKS = 64, 512, 46 * 32
@@ -174,17 +174,8 @@ class ActQKVMethod(KeySelectMethod):
 
     def split(self, budget: int) -> tuple[int, int]:
         """(n_init, n_local) for a budget of ``budget`` attended entries."""
-        total = _PAPER_INIT + _PAPER_LOCAL + _PAPER_BLOCKS
-        n_local = self.n_local if self.n_local is not None else max(1, round(budget * _PAPER_LOCAL / total))
-        if self.n_init is not None:
-            n_init = self.n_init
-        else:
-            n_init = max(0, min(max(1, round(budget * _PAPER_INIT / total)), budget - n_local))
-        if n_init + n_local > budget:
-            raise FlowsieveError(
-                f"actqkv: n_init + n_local = {n_init + n_local} entries exceed the budget of {budget}"
-            )
-        return n_init, n_local
+        paper = (_PAPER_INIT, _PAPER_LOCAL, _PAPER_INIT + _PAPER_LOCAL + _PAPER_BLOCKS)
+        return split_budget("actqkv", budget, self.n_init, self.n_local, paper)
 
     def new_state(self) -> ActQKVState:
         return ActQKVState()

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from flowsieve.errors import FlowsieveError
 from flowsieve.observe import LayerObs, ObserveSpec
 from flowsieve.registry import Registry
 
@@ -168,6 +169,24 @@ class KeySelectMethod(KVScorer):
     def summary(self, state: Any) -> dict[str, Any]:
         """Method-specific counters for the generation result."""
         return {}
+
+
+def split_budget(
+    name: str, budget: int, n_init: int | None, n_local: int | None, paper: tuple[int, int, int]
+) -> tuple[int, int]:
+    """(n_init, n_local) for a budget of ``budget`` attended entries: the given counts, or the paper's
+    shares ``paper = (init, local, total)`` of the budget (at least one recent entry, and the sinks
+    capped so that they fit next to it). Raises when the two do not fit in the budget."""
+    init_p, local_p, total = paper
+    local = n_local if n_local is not None else max(1, round(budget * local_p / total))
+    init = (
+        n_init if n_init is not None else max(0, min(max(1, round(budget * init_p / total)), budget - local))
+    )
+    if init + local > budget:
+        raise FlowsieveError(
+            f"{name}: n_init + n_local = {init + local} entries exceed the budget of {budget}"
+        )
+    return init, local
 
 
 def span_index(n_init: int, picked: torch.Tensor, local_from: int, n: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.sieves.base import METHODS, KeySelectMethod, pool1d, span_index
+from flowsieve.sieves.base import METHODS, KeySelectMethod, pool1d, span_index, split_budget
 
 # the released configuration: n_init 128, top-k 2048, n_local 512 entries
 _PAPER_INIT, _PAPER_TOPK, _PAPER_LOCAL = 128, 2048, 512
@@ -101,17 +101,8 @@ class TokenSelectMethod(KeySelectMethod):
 
     def split(self, budget: int) -> tuple[int, int]:
         """(n_init, n_local) for a budget of ``budget`` attended entries."""
-        total = _PAPER_INIT + _PAPER_TOPK + _PAPER_LOCAL
-        n_local = self.n_local if self.n_local is not None else max(1, round(budget * _PAPER_LOCAL / total))
-        if self.n_init is not None:
-            n_init = self.n_init
-        else:
-            n_init = max(0, min(max(1, round(budget * _PAPER_INIT / total)), budget - n_local))
-        if n_init + n_local > budget:
-            raise FlowsieveError(
-                f"tokenselect: n_init + n_local = {n_init + n_local} entries exceed the budget of {budget}"
-            )
-        return n_init, n_local
+        paper = (_PAPER_INIT, _PAPER_LOCAL, _PAPER_INIT + _PAPER_TOPK + _PAPER_LOCAL)
+        return split_budget("tokenselect", budget, self.n_init, self.n_local, paper)
 
     def new_state(self) -> TokenSelectState:
         return TokenSelectState()
