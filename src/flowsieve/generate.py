@@ -299,16 +299,7 @@ def generate(
             covers it); ``"query_agnostic"`` compresses the context first and appends the question
             afterwards, as a cache compressed once would serve questions asked later.
     """
-    if max_new_tokens < 1:
-        raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if mode not in ("query_aware", "query_agnostic"):
-        raise FlowsieveError(f"mode must be 'query_aware' or 'query_agnostic', got '{mode}'")
-    prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
-    limit = context_length(model)
-    if limit is not None and len(prompt) + max_new_tokens > limit:
-        raise FlowsieveError(
-            f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
-        )
+    prompt = _checked_prompt(model, tokenizer, context, question, chat, instruction, mode, max_new_tokens)
     rss = _PeakRSS()
     t0 = time.perf_counter()
     if sieve is None:
@@ -363,6 +354,44 @@ def generate(
         new_tokens=len(new),
         extra=extra,
     )
+
+
+def _checked_prompt(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    question: str | None,
+    chat: bool,
+    instruction: str | None,
+    mode: str,
+    max_new_tokens: int,
+) -> Prompt:
+    """The prompt of a generation, after checking its settings and that it fits the model's context."""
+    if max_new_tokens < 1:
+        raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if mode not in ("query_aware", "query_agnostic"):
+        raise FlowsieveError(f"mode must be 'query_aware' or 'query_agnostic', got '{mode}'")
+    prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
+    limit = context_length(model)
+    if limit is not None and len(prompt) + max_new_tokens > limit:
+        raise FlowsieveError(
+            f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
+        )
+    return prompt
+
+
+@torch.inference_mode()
+def append_tokens(model: nn.Module, cache: Any, ids: list[int]) -> torch.Tensor:
+    """Feed ``ids`` (e.g. the question after a query-agnostic compression) on top of a compressed
+    :class:`~flowsieve.kvcache.SieveCache`; returns the last position's logits (1, 1, V).
+
+    When its layers hold different numbers of entries (a per-layer schedule) the mask of a
+    multi-token chunk cannot be shared, so the tokens go one at a time (single tokens need none)."""
+    if len({cache.layer(i).stored_length for i in cache.sieve_layers}) > 1:
+        for t in ids:
+            logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
+        return logits[:, -1:]
+    return model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
 
 
 def _dtype_bytes(model: nn.Module) -> int:
@@ -430,15 +459,7 @@ def prefill_with_sieve(
             score_s += time.perf_counter() - ts
     t1 = time.perf_counter()
     if tail:
-        if len({cache.layer(i).stored_length for i in cache.sieve_layers}) > 1:
-            # layers hold different numbers of entries (a per-layer schedule): the mask of a
-            # multi-token chunk cannot be shared, single tokens need none
-            for t in tail:
-                logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
-        else:
-            logits = model(
-                input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1
-            ).logits
+        logits = append_tokens(model, cache, tail)
     extra = {
         "kept_entries": kept + len(tail),
         "compressed_tokens": T,
@@ -511,21 +532,12 @@ def generate_many(
     from flowsieve.kvcache import SieveCache
     from flowsieve.observe import observe
 
-    if max_new_tokens < 1:
-        raise FlowsieveError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if mode not in ("query_aware", "query_agnostic"):
-        raise FlowsieveError(f"mode must be 'query_aware' or 'query_agnostic', got '{mode}'")
     for s in sieves:
         if s.site != "prefill" or s.chunk is not None:
             raise FlowsieveError("generate_many shares unchunked prefill-site passes only; use generate()")
     if len({s.window for s in sieves}) > 1:
         raise FlowsieveError("generate_many needs sieves with the same observation window")
-    prompt = build_prompt(tokenizer, context, question, chat=chat, instruction=instruction)
-    limit = context_length(model)
-    if limit is not None and len(prompt) + max_new_tokens > limit:
-        raise FlowsieveError(
-            f"the prompt is {len(prompt)} tokens (+{max_new_tokens} new), longer than the model's context of {limit}"
-        )
+    prompt = _checked_prompt(model, tokenizer, context, question, chat, instruction, mode, max_new_tokens)
     ids = list(prompt.ids)
     head, tail = (ids[: prompt.split], ids[prompt.split :]) if mode == "query_agnostic" else (ids, [])
     T = len(head)
@@ -569,15 +581,7 @@ def generate_many(
             cache = base.clone()
             with torch.inference_mode():
                 kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T))
-                logits = logits0
-                if tail:
-                    if len({cache.layer(i).stored_length for i in cache.sieve_layers}) > 1:
-                        for t in tail:
-                            logits = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
-                    else:
-                        logits = model(
-                            input_ids=torch.tensor([tail]), cache=cache, use_cache=True, logits_to_keep=1
-                        ).logits
+                logits = append_tokens(model, cache, tail) if tail else logits0
             own_s = time.perf_counter() - t1
             kv = kv_bytes(cache)
             new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, eos)
