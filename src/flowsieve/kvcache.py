@@ -263,6 +263,14 @@ def _clone_layer(layer: Any) -> Any:
     return new
 
 
+def decoder_config(model_or_config: Any, who: str) -> PreTrainedConfig:
+    """The decoder text config of a model or config (what a cache is laid out from)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not isinstance(config, PreTrainedConfig):
+        raise FlowsieveError(f"{who} needs a model or a config, got {type(model_or_config).__name__}")
+    return config.get_text_config(decoder=True)
+
+
 class SieveCache(Cache):
     """A cache with one layer per decoder layer: :class:`SieveLayer` for full attention, stock otherwise.
 
@@ -274,12 +282,7 @@ class SieveCache(Cache):
     """
 
     def __init__(self, model_or_config: nn.Module | PreTrainedConfig, policy: Policy | None = None) -> None:
-        config = getattr(model_or_config, "config", model_or_config)
-        if not isinstance(config, PreTrainedConfig):
-            raise FlowsieveError(
-                f"SieveCache needs a model or a config, got {type(model_or_config).__name__}"
-            )
-        config = config.get_text_config(decoder=True)
+        config = decoder_config(model_or_config, "SieveCache")
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers: list[Any] = []
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs, strict=True)):

@@ -53,7 +53,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.kvcache import SieveCache, SieveLayer
+from flowsieve.kvcache import SieveCache, SieveLayer, decoder_config
 from flowsieve.observe import Observer, decoder_layers, observe
 from flowsieve.sieves.layer import LayerContext, LayerPruner, Stage, check_plan
 
@@ -132,12 +132,7 @@ class LayerSiteCache(SieveCache):
     """
 
     def __init__(self, model_or_config: nn.Module | PreTrainedConfig) -> None:
-        config = getattr(model_or_config, "config", model_or_config)
-        if not isinstance(config, PreTrainedConfig):
-            raise FlowsieveError(
-                f"LayerSiteCache needs a model or a config, got {type(model_or_config).__name__}"
-            )
-        config = config.get_text_config(decoder=True)
+        config = decoder_config(model_or_config, "LayerSiteCache")
         types, kws = get_layer_types_and_kwargs(config)
         layers: list[Any] = []
         for i, (kind, kw) in enumerate(zip(types, kws, strict=True)):
