@@ -422,9 +422,7 @@ def run_compressed(
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any and not {"sieve", "mode"} <= set(params):
         raise FlowsieveError(f"method '{method}' is not available: generate() takes no sieve and mode")
-    name, options = parse_method(method)
-    extra = {"options": options} if options else {}
-    sieve = sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
+    sieve = _make_sieve(sieve_cls, method, keep, budget, site)
     return _gen.generate(
         model,
         tok,
@@ -579,6 +577,13 @@ def _share_groups(jobs: list[Job]) -> list[list[Job]]:
     return groups
 
 
+def _make_sieve(sieve_cls: Any, method: str, keep: float | None, budget: int | None, site: str) -> Any:
+    """The sieve of a cell: ``method`` may carry options (``fastv@layer=6``, :func:`parse_method`)."""
+    name, options = parse_method(method)
+    extra = {"options": options} if options else {}
+    return sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
+
+
 def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = True) -> list[dict[str, Any]]:
     """Run prefill-site cells of one item and mode from one shared observed prefill
     (:func:`flowsieve.generate.generate_many`); returns their scored rows in order."""
@@ -588,12 +593,12 @@ def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = Tr
     first = jobs[0]
     torch.manual_seed(first.cell.seed)
     sieves = [
-        sieve_cls(
-            parse_method(j.cell.method)[0],
-            options=parse_method(j.cell.method)[1],
-            keep=j.cell.keep if j.cell.budget == 0 else None,
-            budget=j.cell.budget or None,
-            site=j.cell.site,
+        _make_sieve(
+            sieve_cls,
+            j.cell.method,
+            j.cell.keep if j.cell.budget == 0 else None,
+            j.cell.budget or None,
+            j.cell.site,
         )
         for j in jobs
     ]
