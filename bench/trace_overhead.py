@@ -64,7 +64,9 @@ def child(mode: str, model_name: str, n_tokens: int, threads: int, stride: int) 
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         n = ids.shape[1]
     else:
-        cfg = TraceConfig(row_stride=stride if mode == "sampled" else 1, workers=2 if mode == "trace2" else 1)
+        cfg = TraceConfig(
+            row_stride=stride if mode == "sampled" else 1, workers=1 if mode == "trace1" else None
+        )
         result = trace(model, tok, text, config=cfg)
         with tempfile.TemporaryDirectory() as d:
             data = trace_json(result)  # as `flowsieve trace` writes both files
@@ -92,14 +94,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--row-stride", type=int, default=0, help="also measure `trace --row-stride K` (K > 1)")
-    ap.add_argument("--workers", action="store_true", help="also measure `trace --scan-workers 2`")
-    ap.add_argument("--child", choices=["plain", "trace", "trace2", "sampled"], help=argparse.SUPPRESS)
+    ap.add_argument("--workers", action="store_true", help="also measure `trace --scan-workers 1`")
+    ap.add_argument("--child", choices=["plain", "trace", "trace1", "sampled"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.model, a.tokens, a.threads, a.row_stride)))
         return
     modes = (
-        ("plain", "trace") + (("trace2",) if a.workers else ()) + (("sampled",) if a.row_stride > 1 else ())
+        ("plain", "trace") + (("trace1",) if a.workers else ()) + (("sampled",) if a.row_stride > 1 else ())
     )
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(a.repeats):
@@ -140,7 +142,7 @@ def main() -> None:
     labels = {
         "plain": "plain forward",
         "trace": "trace (exact)",
-        "trace2": "trace --scan-workers 2",
+        "trace1": "trace --scan-workers 1",
         "sampled": f"trace --row-stride {a.row_stride}",
     }
     for m in modes:

@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--scan-workers",
         type=int,
-        default=1,
-        help="threads scanning attention chunks in parallel (faster on several cores, more memory)",
+        default=None,
+        help="threads scanning attention chunks in parallel, one torch thread each "
+        "(default: one per torch thread)",
     )
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument(

@@ -56,7 +56,9 @@ class TraceConfig:
         row_stride: 1 (default) scans every query row: exact received attention and head statistics.
             k > 1 scans every k-th chunk of rows and estimates them (``attention_received`` =
             mean over scanned rows x number of rows that see the token).
-        workers: threads scanning query chunks in parallel (see :class:`flowsieve.observe.ObserveSpec`).
+        workers: threads scanning query chunks in parallel, one torch thread each (see
+            :class:`flowsieve.observe.ObserveSpec`); None (default) uses one per torch thread, which
+            is faster than one scan with several intra-op threads.
         sink_alpha: mean received attention above which a token is a sink (ACT's alpha).
         min_visible: keys seen by fewer queries are never called sinks.
         dormant_park: a head parking at least this share of its attention on sinks is dormant.
@@ -67,7 +69,7 @@ class TraceConfig:
 
     chunk: int | None = None
     row_stride: int = 1
-    workers: int = 1
+    workers: int | None = None
     sink_alpha: float = 0.1
     min_visible: int = 16
     dormant_park: float = 0.9
@@ -76,7 +78,11 @@ class TraceConfig:
     digits: int = 4
 
     def __post_init__(self) -> None:
-        if (self.chunk is not None and self.chunk < 1) or self.row_stride < 1 or self.workers < 1:
+        if (
+            (self.chunk is not None and self.chunk < 1)
+            or self.row_stride < 1
+            or (self.workers is not None and self.workers < 1)
+        ):
             raise FlowsieveError(f"chunk and row_stride must be >= 1, got {self.chunk}, {self.row_stride}")
         for name in ("sink_alpha", "dormant_park"):
             v = getattr(self, name)
@@ -153,7 +159,12 @@ def trace(
     n_layers = len(decoder_layers(model))
     transitions = causal and supports_transitions(model)
     spec = ObserveSpec(
-        rows=(relay,), received=True, head_stats=True, transitions=transitions, chunk=cfg.chunk
+        rows=(relay,),
+        received=True,
+        head_stats=True,
+        transitions=transitions,
+        chunk=cfg.chunk,
+        workers=cfg.workers or torch.get_num_threads(),
     )
 
     bar = None
