@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import numpy as np
@@ -478,3 +479,191 @@ def test_cli_rejects_unknown_scorer_before_loading(capsys):
     args = p.parse_args(["compress", "--scorer", "lexrnk", "--text", "hello"])
     with pytest.raises(FlowsieveError, match="did you mean 'lexrank'"):
         args.func(args)
+
+
+# ------------------------------------------------------------------------------------- LongLLMLingua
+
+# one paragraph (no blank line), ~700 characters: the coarse stage must cut it into sentence groups
+HAYSTACK = (
+    "The river town sat in a narrow valley. Boats came up from the coast every week in summer. "
+    "The mill by the bridge ground wheat and barley for three villages. Its wheel was made of oak. "
+    "Children fished from the stone steps below the church. The secret code is 4635. "
+    "Nobody remembered who had built the old tower on the hill. Its bell rang only at weddings. "
+    "In autumn the valley filled with fog, and the carters lit lamps at noon. "
+    "The baker opened before dawn and sold out of bread by nine. "
+    "Merchants from the north traded wool for salt and dried fish. "
+    "A small school stood at the end of the market square, with one teacher and twenty pupils."
+)
+CODE_QUESTION = "What is the secret code?"
+
+
+def _lll(**kw):
+    from flowsieve.prompt.longllmlingua import LongLLMLingua
+
+    return LongLLMLingua(**kw)
+
+
+def test_longllmlingua_segments_tile_one_paragraph():
+    tok = CharTokenizer()
+    doc = build_doc(tok, HAYSTACK, CODE_QUESTION, 0.33)
+    seg = 80
+    spans = _lll(segment_tokens=seg).segments(doc)
+    assert len(spans) > 3
+    # contiguous, tiling [0, n)
+    assert spans[0][0] == 0 and spans[-1][1] == doc.n_context
+    assert all(b0 == a1 for (_, b0), (a1, _) in itertools.pairwise(spans))
+    # every cut is at a sentence start; each group closes at the first sentence end past `seg`
+    starts = {a for a, _ in sentence_spans(doc.context)}
+    ends = {b for _, b in sentence_spans(doc.context)}
+    for a, b in spans:
+        assert doc.spans[a][0] in starts and doc.spans[b - 1][1] in ends
+        inner = [e for e in ends if doc.spans[a][0] < e < doc.spans[b - 1][1]]
+        assert all(e - doc.spans[a][0] < seg for e in inner)  # no earlier sentence end reached seg
+    assert all(b - a >= seg for a, b in spans[:-1]) and spans[-1][1] - spans[-1][0] >= seg / 2
+    # short paragraphs stay whole; a long one among them is cut
+    doc = build_doc(tok, TEXT, QUESTION, 0.33)
+    paras = paragraph_spans(doc.context)
+    assert _lll().segments(doc) == [(a, b) for a, b in paras]  # character tokenizer: tokens == chars
+    mixed = TEXT + "\n\n" + HAYSTACK
+    doc = build_doc(tok, mixed, QUESTION, 0.33)
+    spans = _lll().segments(doc)
+    assert spans[:3] == [(a, b) for a, b in paras[:2]] + [(paras[2][0], paras[2][1] + 2)]
+    assert len(spans) > 4 and spans[-1][1] == doc.n_context
+
+
+def test_longllmlingua_dynamic_ratios():
+    from flowsieve.prompt.longllmlingua import dynamic_ratios
+
+    shares, tau = dynamic_ratios([100, 100, 100], 0.3, 150)
+    assert shares == pytest.approx([0.8, 0.5, 0.2], abs=1e-6) and tau == pytest.approx(0.5, abs=1e-6)
+    # linear in rank, best first, summing to the target even when the ends are clipped
+    sizes = [50, 120, 80, 100, 60]
+    shares, _ = dynamic_ratios(sizes, 0.3, 330)
+    assert shares == sorted(shares, reverse=True) and shares[0] == 1.0
+    assert sum(r * s for r, s in zip(shares, sizes)) == pytest.approx(330, abs=1e-4)
+    steps = np.diff([r for r in shares if 0 < r < 1])
+    assert np.allclose(steps, -0.15, atol=1e-6)
+    assert dynamic_ratios([40, 60], 0.0, 50)[0] == pytest.approx([0.5, 0.5])
+    assert dynamic_ratios([40], 0.3, 10)[0] == pytest.approx([0.25])
+    assert dynamic_ratios([40, 60], 0.3, 500)[0] == [1.0, 1.0]
+
+
+def test_longllmlingua_coarse_keeps_whole_segments_in_rank_order(llama, monkeypatch):
+    from flowsieve.prompt.longllmlingua import LongLLMLingua
+
+    model, tok = llama
+    order: list[int] = []
+
+    def fake_rank(self, doc, model, spans):
+        order[:] = list(range(len(spans)))[::-1]  # the last segment is the best
+        order.insert(0, order.pop(2))  # ... after the third from the end
+        return list(order)
+
+    monkeypatch.setattr(LongLLMLingua, "rank_paragraphs", fake_rank)
+    keep = 0.2
+    doc = build_doc(tok, HAYSTACK, CODE_QUESTION, keep, force_tokens=())
+    sc = LongLLMLingua(segment_tokens=60)
+    spans = sc.segments(doc)
+    scores = sc.score(doc, model)
+    kept = scores.extra["segments_kept"]
+    # whole segments in rank order until T* + slack is used up (the last one crosses it)
+    budget, expect = doc.budget + sc.slack, []
+    for i in order:
+        expect.append(i)
+        budget -= spans[i][1] - spans[i][0]
+        if budget < 0:
+            break
+    assert kept == expect and 0 < len(kept) < len(spans)
+    # shares fall with the rank
+    assert scores.extra["shares"] == sorted(scores.extra["shares"], reverse=True)
+    dropped = [i for i in range(len(spans)) if i not in kept]
+    for i in dropped:
+        a, b = spans[i]
+        assert (scores.tier[a:b] == 0).all() and (scores.priority[a:b] == -math.inf).all()
+    for i in kept:
+        a, b = spans[i]
+        assert (scores.tier[a:b] >= 1).all()
+    # in the output, dropped segments are fully absent; text order is kept
+    r = compress_prompt(
+        HAYSTACK,
+        scorer="longllmlingua",
+        keep=keep,
+        question=CODE_QUESTION,
+        model=model,
+        tokenizer=tok,
+        force_tokens=(),
+        segment_tokens=60,
+    )
+    for i in dropped:
+        a, b = spans[i]
+        assert not r.kept_mask[a:b].any()
+    assert _is_subsequence(r.text, HAYSTACK + "\n\n" + CODE_QUESTION)
+    assert abs(r.ratio - keep) <= 0.03
+
+
+def test_longllmlingua_best_segment_keeps_most(llama, monkeypatch):
+    from flowsieve.prompt.longllmlingua import LongLLMLingua
+
+    model, tok = llama
+    monkeypatch.setattr(LongLLMLingua, "rank_paragraphs", lambda self, doc, m, spans: list(range(len(spans))))
+    doc = build_doc(tok, HAYSTACK, CODE_QUESTION, 0.33)
+    sc = LongLLMLingua(segment_tokens=60, dynamic_ratio=1.0)
+    scores = sc.score(doc, model)
+    kept, shares = scores.extra["segments_kept"], scores.extra["shares"]
+    assert shares[0] == 1.0 and shares[-1] < shares[0]
+    # a share of 1 keeps the whole segment, first in the fill
+    a, b = scores.extra["segments"][kept[0]]
+    assert (scores.tier[a:b] == 2).all() and (scores.priority[a:b] == math.inf).all()
+    r = compress_prompt(
+        HAYSTACK,
+        scorer="longllmlingua",
+        keep=0.33,
+        question=CODE_QUESTION,
+        model=model,
+        tokenizer=tok,
+        segment_tokens=60,
+        dynamic_ratio=1.0,
+    )
+    assert r.kept_mask[a:b].all()
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.2, 0.33, 0.5, 0.7])
+def test_longllmlingua_ratio_and_forced_on_one_paragraph(llama, keep):
+    model, tok = llama
+    text = HAYSTACK.replace("fog, and", "fog?\nand")
+    r = compress_prompt(
+        text,
+        scorer="longllmlingua",
+        keep=keep,
+        question=CODE_QUESTION,
+        model=model,
+        tokenizer=tok,
+        force_words=("4635",),
+    )
+    assert abs(r.ratio - keep) <= 0.03, (r.ratio, keep)
+    assert "4635" in r.text and r.text.endswith("\n\n" + CODE_QUESTION)
+    ctx = r.text[: -len("\n\n" + CODE_QUESTION)]
+    assert ctx.count("?") == 1 and ctx.count("\n") == 1
+    assert _is_subsequence(r.text, text + "\n\n" + CODE_QUESTION)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"segment_tokens": 0},
+        {"segment_tokens": -5},
+        {"segment_tokens": 2.5},
+        {"segment_tokens": True},
+        {"dynamic_ratio": -0.1},
+        {"dynamic_ratio": 1.5},
+        {"dynamic_ratio": float("nan")},
+        {"dynamic_ratio": "0.3"},
+        {"slack": -1},
+    ],
+)
+def test_longllmlingua_bad_options(llama, kw):
+    model, tok = llama
+    with pytest.raises(FlowsieveError, match=next(iter(kw))):
+        compress_prompt(
+            HAYSTACK, scorer="longllmlingua", question=CODE_QUESTION, model=model, tokenizer=tok, **kw
+        )
