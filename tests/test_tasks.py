@@ -38,7 +38,7 @@ HAYSTACK_TASKS = ["needle", "multi_needle", "conditional_needle", "needle_thread
 
 
 def test_registry_holds_every_task():
-    assert set(TASKS) == {*HAYSTACK_TASKS, "qa", "multidoc_qa"}
+    assert set(TASKS) == {*HAYSTACK_TASKS, "qa", "multidoc_qa", "lm"}
     for name, cls in TASKS.items():
         assert cls.name == name
         assert "CC BY-SA 4.0" in cls.__doc__ or "Paul Graham" in cls.__doc__
@@ -294,3 +294,70 @@ def test_real_tokenizer(smollm2):
             n = len(tok(item.context, add_special_tokens=False)["input_ids"])
             assert item.meta["length_tokens"] == n
             assert abs(n - 1500) <= 75
+
+
+# --- language modelling ----------------------------------------------------------------------------
+
+
+def test_lm_items_deterministic_continuation_follows_the_context():
+    from flowsieve.bench.tasks.data import essay_sentences
+
+    task = get_task("lm", length=300, continuation=40)
+    assert get_task("lm").params() == {"length": 1024, "continuation": 128}
+    a, b = task.items(WORDS, 3, seed=0), task.items(WORDS, 3, seed=0)
+    assert a == b and task.items(WORDS, 2, seed=0) == a[:2]
+    c = task.items(WORDS, 3, seed=1)
+    assert all(x.context != y.context and x.item_id != y.item_id for x, y in zip(a, c, strict=True))
+    essays = " ".join(essay_sentences())
+    for item in a:
+        cont = item.answers[0]
+        assert abs(n_words(item.context) - 300) <= 15
+        assert n_words(cont) == item.meta["continuation_tokens"] == 40  # the first word boundary at 40
+        assert cont.startswith(" ") and item.meta["continuation_bytes"] == len(cont.encode())
+        assert cont.strip() not in item.context
+        assert item.context + cont in essays  # held-out text that directly follows the context
+        assert item.question == "" and TASKS.get("lm").teacher_forced
+
+
+def test_lm_scores_bits_not_text():
+    from flowsieve.bench.tasks.lm import LanguageModelling
+
+    assert LanguageModelling.score_bits(0.0) == 1.0 and LanguageModelling.score_bits(1.0) == 0.5
+    item = get_task("lm", length=100, continuation=10).items(WORDS, 1)[0]
+    with pytest.raises(FlowsieveError, match="log-likelihood"):
+        get_task("lm").score(item, "anything")
+    with pytest.raises(FlowsieveError):
+        get_task("lm", continuation=0)
+
+
+def test_decode_flops_by_hand():
+    """§11's per-token FLOPs for a hand-computed config: d=4, 1 layer, 2 heads (d_k=2), 1 KV head,
+    d_ff=8, V=10, 3 steps."""
+    from types import SimpleNamespace
+
+    from flowsieve.bench.tasks.lm import decode_flops_per_token
+
+    cfg = SimpleNamespace(
+        hidden_size=4, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=8, vocab_size=10, head_dim=None,
+    )  # fmt: skip
+    proj = 2 * 4 * 4 + 2 * 4 * 4 + 2 * 2 * 4 * 2  # Q, O, K and V
+    mlp, head = 6 * 4 * 8, 2 * 4 * 10
+    attention = [4 * 2 * 2 * n for n in (0, 1, 2)]  # the cache holds 0, 1, 2 entries
+    expected = sum(proj + mlp + head + a for a in attention) / 3
+    assert decode_flops_per_token(cfg, steps=3) == expected == 368.0 + 16
+
+
+def test_information_capacity():
+    import math
+
+    from flowsieve.bench.tasks.lm import IC_BIAS, information_capacity
+
+    samples = [(20.0, 10, 40), (40.0, 10, 60)]  # text size 32 and 48 bits per token; NLL 3 bits/token
+    ic = information_capacity(samples, 1024.0)
+    assert ic == pytest.approx((40.0 - 3.0 + IC_BIAS) / 10.0)
+    better = information_capacity([(10.0, 10, 40), (20.0, 10, 60)], 1024.0)
+    assert better > ic  # lower NLL at the same FLOPs
+    assert information_capacity([(math.nan, 5, 5), *samples], 1024.0) == ic
+    with pytest.raises(FlowsieveError, match="at least one"):
+        information_capacity([], 1024.0)

@@ -7,7 +7,18 @@ soon as it is done, so a killed sweep started again finishes the missing cells o
 
 The uncompressed reference (method ``full``) is always part of a sweep: it runs once per (model,
 item, mode, max_new_tokens) and every compressed cell of that item is compared with it at report
-time (score, speed and memory ratios, agreement of the generated tokens).
+time (score, speed and memory ratios, agreement of the generated tokens). Two comparisons are made
+here, where both runs are at hand: ``token_agreement`` (the share of the full run's first
+``agree_tokens`` tokens a cell reproduces before the first difference) and ``kl_answer_start``
+(KL(full ‖ cell), in nats, of the next-token distribution at the first generated position). A
+forward hook (:class:`_Recorder`) keeps the log-probabilities of a cell's own passes, so measuring
+costs no extra forward pass; the full run's distribution and tokens are kept in memory per item
+(:func:`_reference`, a few items) and recomputed with one full generation when a cell's reference
+is not there (a resumed sweep, another Ray worker). Peers' rows carry neither.
+
+Teacher-forced tasks (``lm``) generate nothing: :func:`run_lm` prefills (and compresses) the context,
+feeds the held-out continuation through the cache and records ``bits_per_byte``; their
+``kl_answer_start`` is at the continuation's first token.
 
 Compressed cells go through :func:`run_compressed` (the :class:`flowsieve.sieve.Sieve` facade);
 cells of the peers (kvpress, llmlingua) through ``flowsieve.bench.peers.run_peer``, which runs them
@@ -18,17 +29,21 @@ driver writes every row to the same store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +93,9 @@ PEER_METHODS: dict[str, tuple[str, ...]] = {
 
 Loader = Callable[[str], tuple[Any, Any]]
 
+AGREE_TOKENS = 16
+"""Default N of ``token_agreement``: the full run's first N generated tokens are compared."""
+
 
 # --- configuration ---------------------------------------------------------------------------------
 
@@ -116,6 +134,7 @@ class SweepConfig:
             (rows say ``extra.shared_prefill``). Off for timing runs.
         compressor: the model that scores tokens at the ``prompt`` site (None: the sweep's model);
             the compressed prompt is then answered by ``model``.
+        agree_tokens: N of the rows' ``token_agreement`` (the full run's first N tokens).
     """
 
     model: str = "smollm2"
@@ -135,6 +154,7 @@ class SweepConfig:
     chat: bool = True
     share_prefill: bool = False
     compressor: str | None = None
+    agree_tokens: int = AGREE_TOKENS
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -163,7 +183,7 @@ class SweepConfig:
                     what = "an integer" if minimum is None else f"an integer >= {minimum}"
                     raise FlowsieveError(f"each of {name} must be {what}, got {v!r}")
             put(name, _unique(getattr(self, name)))
-        for name, minimum in (("limit", 1), ("max_new_tokens", 1), ("threads", 1)):
+        for name, minimum in (("limit", 1), ("max_new_tokens", 1), ("threads", 1), ("agree_tokens", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < minimum:
                 raise FlowsieveError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -191,6 +211,12 @@ class SweepConfig:
                 raise FlowsieveError(f"the methods of peer {system} must be a list, got {methods!r}")
             peers[system] = _unique(methods)
         put("peers", peers)
+        forced = [t for t in self.tasks if TASKS.get(t).teacher_forced]
+        if forced and peers:
+            raise FlowsieveError(
+                f"the task {forced[0]} is teacher-forced (scored from log-likelihoods); the peers "
+                "only generate: run it without --peers"
+            )
         for system, methods in peers.items():
             known = _default_peer_methods(system)
             for m in methods:
@@ -511,10 +537,19 @@ def _result_fields(result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def score_row(job: Job, result: GenResult | Mapping[str, Any]) -> dict[str, Any]:
-    """The result row of ``job``: its identity, measures and the task's score of the prediction."""
+    """The result row of ``job``: its identity, measures and the task's score of the prediction
+    (teacher-forced tasks: the score of the result's ``bits_per_byte``)."""
     row = dataclasses.asdict(job.cell)
     row |= _result_fields(result)
-    score = float(job.task.score(job.item, row["prediction"]))
+    if job.task.teacher_forced:
+        bpb = row.get("bits_per_byte")
+        if bpb is None:
+            raise FlowsieveError(
+                f"task {job.task.name} is teacher-forced but the result has no bits_per_byte"
+            )
+        score = float(job.task.score_bits(bpb))  # type: ignore[attr-defined]
+    else:
+        score = float(job.task.score(job.item, row["prediction"]))
     if not 0.0 <= score <= 1.0:
         raise FlowsieveError(f"task {job.task.name} scored {score}, outside [0, 1]")
     row["score"] = score
@@ -527,38 +562,241 @@ def score_row(job: Job, result: GenResult | Mapping[str, Any]) -> dict[str, Any]
     return row
 
 
-def execute(
-    job: Job, model: Any, tok: Any, *, chat: bool = True, compressor: str | None = None
+# --- comparison with the full run ------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    """One forward pass seen by :class:`_Recorder`."""
+
+    fed: int
+    """Tokens fed."""
+    last: int
+    """The last token fed."""
+    logprobs: Any
+    """Log-probabilities of the next token after the last fed one, (V,) float32."""
+
+
+@dataclass
+class _Segment:
+    """Consecutive passes on one cache object (a generation, or one sieve's copy in a shared run)."""
+
+    first_fed: int
+    passes: deque[_Pass]
+
+
+class _Recorder:
+    """A forward hook on the model that keeps the next-token log-probabilities of its recent passes,
+    grouped by the cache each pass used (at most ``keep`` passes per cache); removed on exit.
+
+    A greedy generation of ``n`` tokens ends with ``n - 1`` single-token passes, each feeding the
+    token the previous pass chose; the pass before them chose the first token: its distribution
+    is the answer start. Models without forward hooks (test doubles) record nothing.
+    """
+
+    def __init__(self, model: Any, keep: int) -> None:
+        self.model, self.keep = model, max(1, keep)
+        self.segments: list[_Segment] = []
+        self._cache: Any = None
+        self._handle: Any = None
+
+    def __enter__(self) -> _Recorder:
+        hook = getattr(self.model, "register_forward_hook", None)
+        if callable(hook):
+            self._handle = hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._cache = None
+
+    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        import torch
+
+        logits = getattr(output, "logits", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(logits, torch.Tensor) or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not self.segments or cache is not self._cache:
+            self.segments.append(_Segment(int(ids.shape[-1]), deque(maxlen=self.keep)))
+            self._cache = cache
+        lp = torch.log_softmax(logits[0, -1].detach().float(), dim=-1).cpu()
+        self.segments[-1].passes.append(_Pass(int(ids.shape[-1]), int(ids[0, -1]), lp))
+
+    def answer_start(self, token_ids: Sequence[int]) -> Any:
+        """The log-probabilities that chose ``token_ids[0]`` in the last generation, or None."""
+        return _answer_start(self.segments[-1], token_ids) if self.segments else None
+
+    def shared_answer_starts(
+        self, results: Sequence[GenResult], prompt_len: int, split: int, mode: str
+    ) -> list[Any]:
+        """Per result of one :func:`flowsieve.generate.generate_many` call, the log-probabilities of its
+        first token (None where they cannot be told apart)."""
+        if mode == "query_aware":
+            # every sieve's first token comes from the shared pass over the whole prompt
+            shared = [sg for sg in self.segments if sg.first_fed == prompt_len and sg.passes]
+            if not shared:
+                return [None] * len(results)
+            lp = shared[0].passes[0].logprobs
+            return [lp if r.token_ids and int(lp.argmax()) == r.token_ids[0] else None for r in results]
+        # query-agnostic: each sieve's copy of the cache takes the question, then decodes
+        own = [sg for sg in self.segments if sg.first_fed != split]
+        if len(own) != len(results):
+            return [None] * len(results)
+        return [_answer_start(sg, r.token_ids) for sg, r in zip(own, results, strict=True)]
+
+
+def _answer_start(segment: _Segment, token_ids: Sequence[int]) -> Any:
+    n = len(token_ids)
+    passes = list(segment.passes)
+    if n == 0 or len(passes) < n:
+        return None
+    tail = passes[len(passes) - n :]
+    if any(p.fed != 1 or p.last != t for p, t in zip(tail[1:], token_ids[:-1], strict=True)):
+        return None
+    lp = tail[0].logprobs
+    return lp if int(lp.argmax()) == int(token_ids[0]) else None
+
+
+def token_agreement(ids: Sequence[int] | None, ref: Sequence[int] | None, n: int) -> float | None:
+    """The share of ``ref[:n]`` (the full run's first ``n`` tokens) that ``ids`` reproduces before
+    the first difference; None without tokens."""
+    ref = list(ref or [])[:n]
+    if not ref or ids is None:
+        return None
+    k = 0
+    for a, b in zip(ids, ref):
+        if int(a) != int(b):
+            break
+        k += 1
+    return k / len(ref)
+
+
+def kl_divergence(ref_logprobs: Any, logprobs: Any) -> float | None:
+    """KL(ref ‖ cell) in nats between two next-token distributions given as log-probabilities (V,);
+    None when either is missing or the vocabularies differ."""
+    if ref_logprobs is None or logprobs is None or ref_logprobs.shape != logprobs.shape:
+        return None
+    p, q = ref_logprobs.double(), logprobs.double()
+    kl = float((p.exp() * (p - q)).nan_to_num(nan=0.0).sum())  # 0 · log 0 = 0
+    return max(kl, 0.0)  # rounding can give -1e-12
+
+
+@dataclass
+class _Reference:
+    """What a cell is compared with: the full run's answer-start log-probabilities and tokens."""
+
+    logprobs: Any
+    token_ids: list[int]
+
+
+_REFERENCES: OrderedDict[tuple[Any, ...], _Reference] = OrderedDict()
+_REFERENCE_ITEMS = 8  # sweeps run the cells of one item together; a few items are enough
+
+
+def _reference_key(model: Any, item: Item, chat: bool, max_new_tokens: int) -> tuple[Any, ...]:
+    return (id(model), item.task, item.item_id, item.context, item.question, chat, max_new_tokens)
+
+
+def _remember(key: tuple[Any, ...], ref: _Reference) -> _Reference:
+    _REFERENCES[key] = ref
+    _REFERENCES.move_to_end(key)
+    while len(_REFERENCES) > _REFERENCE_ITEMS:
+        _REFERENCES.popitem(last=False)
+    return ref
+
+
+def _reference(model: Any, tok: Any, job: Job, chat: bool) -> _Reference:
+    """The full run of ``job``'s item: from memory, else computed now (and kept)."""
+    c = job.cell
+    key = _reference_key(model, job.item, chat, c.max_new_tokens)
+    ref = _REFERENCES.get(key)
+    if ref is not None:
+        _REFERENCES.move_to_end(key)
+        return ref
+    if job.task.teacher_forced:
+        _, lp = run_lm(model, tok, job.item)
+        return _remember(key, _Reference(lp, []))
+    with _Recorder(model, c.max_new_tokens) as rec:
+        res = _gen.generate(
+            model, tok, job.item.context, job.item.question, chat=chat, max_new_tokens=c.max_new_tokens
+        )
+    return _remember(key, _Reference(rec.answer_start(res.token_ids), list(res.token_ids)))
+
+
+def _compare(
+    row: dict[str, Any], logprobs: Any, ref: _Reference | None, agree_tokens: int, teacher_forced: bool
 ) -> dict[str, Any]:
-    """Run one flowsieve cell (full or compressed) and return its scored row."""
+    """``row`` with ``token_agreement`` and ``kl_answer_start`` against ``ref``."""
+    ids = (row.get("extra") or {}).get("token_ids")
+    row["token_agreement"] = (
+        None if teacher_forced or ref is None else token_agreement(ids, ref.token_ids, agree_tokens)
+    )
+    row["kl_answer_start"] = None if ref is None else kl_divergence(ref.logprobs, logprobs)
+    if not teacher_forced:
+        row["extra"] = {**row["extra"], "agree_tokens": agree_tokens}
+    return row
+
+
+def execute(
+    job: Job,
+    model: Any,
+    tok: Any,
+    *,
+    chat: bool = True,
+    compressor: str | None = None,
+    agree_tokens: int = AGREE_TOKENS,
+) -> dict[str, Any]:
+    """Run one flowsieve cell (full or compressed) and return its scored row, compared with the
+    full run of the same item (``token_agreement``, ``kl_answer_start``)."""
     import torch
 
     c = job.cell
+    forced = job.task.teacher_forced
+    ref = None if c.is_full else _reference(model, tok, job, chat)
     torch.manual_seed(c.seed)  # methods that draw at random (the `random` baseline) repeat
-    if c.is_full:
-        result = _gen.generate(
-            model, tok, job.item.context, job.item.question, chat=chat, max_new_tokens=c.max_new_tokens
-        )
+    keep, budget = (c.keep if c.budget == 0 else None), (c.budget or None)
+    if forced:
+        site = None if c.is_full else c.site
+        result, lp = run_lm(model, tok, job.item, c.method, site, keep, budget, c.mode, compressor=compressor)
     else:
-        result = run_compressed(
-            model,
-            tok,
-            job.item,
-            c.method,
-            c.site,
-            c.keep if c.budget == 0 else None,
-            c.budget or None,
-            c.mode,
-            c.max_new_tokens,
-            chat=chat,
-            compressor=compressor,
-        )
-    return score_row(job, result)
+        with _Recorder(model, c.max_new_tokens) as rec:
+            if c.is_full:
+                result = _gen.generate(
+                    model,
+                    tok,
+                    job.item.context,
+                    job.item.question,
+                    chat=chat,
+                    max_new_tokens=c.max_new_tokens,
+                )
+            else:
+                result = run_compressed(
+                    model,
+                    tok,
+                    job.item,
+                    c.method,
+                    c.site,
+                    keep,
+                    budget,
+                    c.mode,
+                    c.max_new_tokens,
+                    chat=chat,
+                    compressor=compressor,
+                )
+        lp = rec.answer_start(result.token_ids)
+    row = score_row(job, result)
+    if c.is_full:
+        ids = [] if forced else list(result.token_ids)
+        ref = _remember(_reference_key(model, job.item, chat, c.max_new_tokens), _Reference(lp, ids))
+    return _compare(row, lp, ref, agree_tokens, forced)
 
 
 def _shareable(job: Job) -> bool:
     c = job.cell
-    return c.system == "flowsieve" and not c.is_full and c.site == "prefill"
+    return c.system == "flowsieve" and not c.is_full and c.site == "prefill" and not job.task.teacher_forced
 
 
 def _share_groups(jobs: list[Job]) -> list[list[Job]]:
@@ -584,13 +822,16 @@ def _make_sieve(sieve_cls: Any, method: str, keep: float | None, budget: int | N
     return sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
 
 
-def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = True) -> list[dict[str, Any]]:
+def execute_shared(
+    jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = True, agree_tokens: int = AGREE_TOKENS
+) -> list[dict[str, Any]]:
     """Run prefill-site cells of one item and mode from one shared observed prefill
     (:func:`flowsieve.generate.generate_many`); returns their scored rows in order."""
     import torch
 
     _, sieve_cls = _sieve_class()
     first = jobs[0]
+    ref = _reference(model, tok, first, chat)
     torch.manual_seed(first.cell.seed)
     sieves = [
         _make_sieve(
@@ -602,17 +843,178 @@ def execute_shared(jobs: Sequence[Job], model: Any, tok: Any, *, chat: bool = Tr
         )
         for j in jobs
     ]
-    results = _gen.generate_many(
-        model,
-        tok,
-        first.item.context,
-        first.item.question,
-        sieves,
-        mode=first.cell.mode,
-        chat=chat,
-        max_new_tokens=first.cell.max_new_tokens,
-    )
-    return [score_row(j, r) for j, r in zip(jobs, results, strict=True)]
+    with _Recorder(model, first.cell.max_new_tokens) as rec:
+        results = _gen.generate_many(
+            model,
+            tok,
+            first.item.context,
+            first.item.question,
+            sieves,
+            mode=first.cell.mode,
+            chat=chat,
+            max_new_tokens=first.cell.max_new_tokens,
+        )
+    prompt = _gen.build_prompt(tok, first.item.context, first.item.question, chat=chat)
+    starts = rec.shared_answer_starts(results, len(prompt), prompt.split, first.cell.mode)
+    return [
+        _compare(score_row(j, r), lp, ref, agree_tokens, False)
+        for j, r, lp in zip(jobs, results, starts, strict=True)
+    ]
+
+
+# --- teacher-forced cells (lm) ---------------------------------------------------------------------
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    try:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    except TypeError:
+        ids = tok(text)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _uniform(cache: Any) -> bool:
+    """Whether every compressed layer holds as many entries (a multi-token chunk can share a mask)."""
+    layers = getattr(cache, "sieve_layers", None)
+    return layers is None or len({cache.layer(i).stored_length for i in layers}) <= 1
+
+
+def run_lm(
+    model: Any,
+    tok: Any,
+    item: Item,
+    method: str = FULL,
+    site: str | None = None,
+    keep: float | None = None,
+    budget: int | None = None,
+    mode: str = "query_aware",
+    *,
+    compressor: str | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """A teacher-forced cell: the negative log-likelihood of ``item.answers[0]`` (the held-out
+    continuation) after ``item.context``, the context compressed with ``method`` at ``site``
+    (None: the full context). Returns (result fields with ``bits_per_byte``, the log-probabilities
+    of the continuation's first token (V,)).
+
+    The context is plain text (no chat template, no question; both modes are the same run). At
+    the ``prompt`` site the context text is compressed first; at the other sites the sieve
+    compresses the prefilled cache (:func:`flowsieve.generate.prefill_with_sieve`), and the
+    continuation is fed through it as decoding would: one chunk where every layer holds as many
+    entries, else one token at a time (the decode site keeps evicting, the select and layer sites
+    keep their runtimes active). ``extra``: ``nll_bits``, ``scored_tokens``, ``scored_bytes``
+    (UTF-8 bytes of the continuation, leading space included) and ``flops_per_token``
+    (:func:`flowsieve.bench.tasks.lm.decode_flops_per_token`, for Information Capacity).
+    """
+    import torch
+
+    from flowsieve.bench.tasks.lm import decode_flops_per_token
+    from flowsieve.models import context_length
+
+    if not item.answers or not item.answers[0]:
+        raise FlowsieveError(f"item {item.item_id} has no continuation to score")
+    continuation = item.answers[0]
+    context, extra0, compress_s = item.context, {}, 0.0
+    sieve = None
+    if site == "prompt":
+        from flowsieve.prompt import compress_prompt
+
+        if keep is None:
+            raise FlowsieveError("the prompt site takes keep ratios, not token budgets")
+        cmodel, ctok = (model, tok) if compressor is None else _compressor(compressor)
+        name, options = parse_method(method)
+        cp = compress_prompt(context, scorer=name, keep=keep, model=cmodel, tokenizer=ctok, **options)
+        if not cp.text.strip():
+            raise FlowsieveError(f"{method} kept nothing of the context at keep {keep}")
+        context, compress_s = cp.text, cp.seconds
+        extra0 = {"compress_s": round(cp.seconds, 4), "compress_ratio": round(cp.ratio, 4)}
+    elif site is not None:
+        _, sieve_cls = _sieve_class()
+        sieve = _make_sieve(sieve_cls, method, keep, budget, site)
+    full = _gen.build_prompt(tok, item.context, None, chat=False)
+    prompt = full if site != "prompt" else _gen.build_prompt(tok, context, None, chat=False)
+    cont = _encode(tok, continuation)
+    if not cont:
+        raise FlowsieveError(f"the continuation of item {item.item_id} has no tokens")
+    limit = context_length(model)
+    if limit is not None and len(prompt) + len(cont) > limit:
+        raise FlowsieveError(
+            f"context ({len(prompt)}) and continuation ({len(cont)}) tokens exceed the model's context of {limit}"
+        )
+    rss = _gen._PeakRSS()
+    t0 = time.perf_counter()
+    runtimes: list[Any] = []
+    step = None
+    with torch.inference_mode():
+        if sieve is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            logits = model(
+                input_ids=torch.tensor([prompt.ids]), cache=cache, use_cache=True, logits_to_keep=1
+            ).logits
+            extra: dict[str, Any] = {}
+            kept = _gen.stored_tokens(cache)
+        else:
+            cache, logits, extra = _gen.prefill_with_sieve(model, prompt, sieve, mode)
+            kept = extra["kept_entries"]
+            protect = extra.pop("protect_mask", None)
+            runtimes = [r for r in (extra.pop("select_runtime", None), extra.pop("layer_runtime", None)) if r]
+            if sieve.site == "decode":
+                step = _gen.DecodeEvictor(model, cache, sieve, protect, sieve.window)
+        prefill_s = time.perf_counter() - t0 + compress_s
+        kv = _gen.kv_bytes(cache)
+        first = torch.log_softmax(logits[0, -1].float(), dim=-1)
+        nll = -float(first[cont[0]])
+        t1 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for r in runtimes:
+                stack.enter_context(r.active())
+            if len(cont) > 1 and step is None and not runtimes and _uniform(cache):
+                out = model(input_ids=torch.tensor([cont[:-1]]), cache=cache, use_cache=True).logits
+                lp = torch.log_softmax(out[0].float(), dim=-1)
+                nll -= float(lp.gather(1, torch.tensor(cont[1:]).unsqueeze(1)).double().sum())
+            else:
+                for t, nxt in itertools.pairwise(cont):
+                    if step is None:
+                        out = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
+                    else:
+                        with step() as after:
+                            out = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits
+                        after()
+                    nll -= float(torch.log_softmax(out[0, -1].float(), dim=-1)[nxt])
+        feed_s = time.perf_counter() - t1
+    if step is not None:
+        kv = max(kv, _gen.kv_bytes(cache))
+        extra.update({"evicted": step.evicted, "max_stored": step.max_stored, "capacity": step.capacity})
+    for r in runtimes:
+        if hasattr(r, "summary"):
+            extra.update(r.summary())
+    peak = rss.stop()
+    bits = nll / math.log(2)
+    n_bytes = len(continuation.encode("utf-8"))
+    extra = {
+        **extra0,
+        **{k: v for k, v in extra.items() if not hasattr(v, "shape")},
+        "nll_bits": bits,
+        "scored_tokens": len(cont),
+        "scored_bytes": n_bytes,
+        "score_tok_s": round(len(cont) / feed_s, 2) if feed_s > 0 else None,
+        "flops_per_token": decode_flops_per_token(model.config),
+    }
+    result = {
+        "prediction": "",
+        "prompt_tokens": len(full),
+        "kept_tokens": kept,
+        "kv_bytes": kv,
+        "kv_bytes_full": _gen.full_kv_bytes(model, len(full), _gen._dtype_bytes(model)),
+        "peak_rss_mb": peak,
+        "prefill_s": prefill_s,
+        "decode_tok_s": None,
+        "new_tokens": 0,
+        "bits_per_byte": bits / n_bytes,
+        "extra": extra,
+    }
+    return result, first
 
 
 # --- provenance ------------------------------------------------------------------------------------
@@ -814,7 +1216,9 @@ def run_sweep(
                     c = group[0].cell
                     pbar.set_postfix_str(f"{len(group)} prefill cells, shared, {c.mode}", refresh=False)
                     try:
-                        rows = execute_shared(group, model, tokenizer, chat=config.chat)
+                        rows = execute_shared(
+                            group, model, tokenizer, chat=config.chat, agree_tokens=config.agree_tokens
+                        )
                     except Exception as e:  # each cell then runs alone and records its own outcome
                         log.warning("shared prefill failed (%s); running the cells one by one", _describe(e))
                     else:
@@ -825,7 +1229,14 @@ def run_sweep(
                     c = job.cell
                     pbar.set_postfix_str(f"{c.method} {c.site} {c.keep or c.budget} {c.mode}", refresh=False)
                     try:
-                        row = execute(job, model, tokenizer, chat=config.chat, compressor=config.compressor)
+                        row = execute(
+                            job,
+                            model,
+                            tokenizer,
+                            chat=config.chat,
+                            compressor=config.compressor,
+                            agree_tokens=config.agree_tokens,
+                        )
                     except Exception as e:
                         writer.failure(c, _describe(e))
                         if fail_fast:
@@ -984,16 +1395,27 @@ def _run_peers(
 class _RayWorker:
     """A Ray actor: loads the model once, then runs cells."""
 
-    def __init__(self, model_name: str, threads: int, chat: bool, loader: Loader | None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        threads: int,
+        chat: bool,
+        loader: Loader | None,
+        agree_tokens: int = AGREE_TOKENS,
+    ) -> None:
         _set_threads(threads)
         if loader is None:
             from flowsieve.models import load as loader  # type: ignore[assignment]
         self.model, self.tok = loader(model_name)  # type: ignore[misc]
-        self.chat = chat
+        self.chat, self.agree_tokens = chat, agree_tokens
 
     def run(self, job: Job) -> tuple[Cell, dict[str, Any] | None, str | None]:
         try:
-            return job.cell, execute(job, self.model, self.tok, chat=self.chat), None
+            return (
+                job.cell,
+                execute(job, self.model, self.tok, chat=self.chat, agree_tokens=self.agree_tokens),
+                None,
+            )
         except Exception as e:
             return job.cell, None, _describe(e)
 
@@ -1027,7 +1449,10 @@ def _run_ray(
         n = workers or max(1, cpus // config.threads)
         n = max(1, min(n, len(jobs)))
         actor = ray.remote(num_cpus=min(config.threads, cpus))(_RayWorker)
-        actors = [actor.remote(config.model, config.threads, config.chat, loader) for _ in range(n)]
+        actors = [
+            actor.remote(config.model, config.threads, config.chat, loader, config.agree_tokens)
+            for _ in range(n)
+        ]
         pool = ActorPool(actors)
         for job in jobs:
             pool.submit(lambda a, j: a.run.remote(j), job)
@@ -1062,10 +1487,13 @@ __all__ = [
     "check_methods",
     "execute",
     "execute_shared",
+    "kl_divergence",
     "parse_method",
     "plan",
     "run_compressed",
+    "run_lm",
     "run_prompt_site",
     "run_sweep",
     "score_row",
+    "token_agreement",
 ]

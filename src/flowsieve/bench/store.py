@@ -62,8 +62,19 @@ MEASURES = (
     "prefill_s",
     "decode_tok_s",
     "new_tokens",
+    "token_agreement",
+    "kl_answer_start",
+    "bits_per_byte",
 )
-"""What a cell produced and cost."""
+"""What a cell produced and cost. The last three compare with the full-context run of the same item
+(flowsieve cells; NULL for peers and where not measured): ``token_agreement``, the share of the
+full run's first N generated tokens reproduced before the first difference (N in
+``extra.agree_tokens``); ``kl_answer_start``, KL(full ‖ cell) in nats of the next-token
+distribution at the first generated position; ``bits_per_byte``, the NLL of a teacher-forced
+continuation in bits per UTF-8 byte (``lm`` task; lower is better)."""
+
+ADDED = ("token_agreement", "kl_answer_start", "bits_per_byte")
+"""Nullable measures added after the first schema: a store without them gains them on opening."""
 
 COLUMNS = (*IDENTITY, "task_params", *MEASURES, "versions", "git_hash", "run_id", "created_at", "extra")
 """Every column of ``results`` in export order (``id`` excluded)."""
@@ -93,6 +104,9 @@ _TYPES = {
     "prefill_s": "REAL",
     "decode_tok_s": "REAL",
     "new_tokens": "INTEGER",
+    "token_agreement": "REAL",
+    "kl_answer_start": "REAL",
+    "bits_per_byte": "REAL",
     "versions": "TEXT NOT NULL",
     "git_hash": "TEXT NOT NULL",
     "run_id": "INTEGER",
@@ -225,6 +239,14 @@ class Store:
             )
         if "results" in tables:
             have = {r[1] for r in self._db.execute("PRAGMA table_info(results)")}
+            for c in ADDED:
+                if c not in have:
+                    try:
+                        self._db.execute(f"ALTER TABLE results ADD COLUMN {c} {_TYPES[c]}")
+                    except sqlite3.OperationalError as e:  # another process added it meanwhile
+                        if "duplicate column" not in str(e):
+                            raise
+                    have.add(c)
             lacking = [c for c in COLUMNS if c not in have]
             if lacking:
                 self._db.close()

@@ -43,6 +43,9 @@ class Task(ABC):
     """Base class of evaluation tasks. Subclasses are frozen dataclasses registered in ``TASKS``."""
 
     name: ClassVar[str]
+    teacher_forced: ClassVar[bool] = False
+    """True for a task scored from the log-likelihood of ``answers[0]`` after the context (``lm``):
+    the runner feeds it through the cache instead of generating, and ``score`` is not used."""
 
     def params(self) -> dict[str, Any]:
         """The task's parameters, as passed to :func:`get_task`."""
