@@ -331,3 +331,74 @@ def test_markdown_tables(index):
     assert "0.75 (n=4)" in full_line
     assert re.search(r"\| kvpress:snapkv \| [0-9.]+ \([0-9.]+ of full, n=4\)", head)
     assert "best flowsieve" in head and "best kvpress" in head
+
+
+def test_new_measures_and_lm_columns(tmp_path):
+    """token_agreement and kl_answer_start as columns of every ratio table; bits per byte and
+    Information Capacity where the section is the lm task."""
+    from flowsieve.bench.report import information_capacity
+    from flowsieve.bench.tasks.lm import information_capacity as ic
+
+    path = tmp_path / "r.sqlite"
+    lm = {"task": "lm", "task_params": {"length": 512, "continuation": 64}, "mode": "query_aware"}
+    with Store(path) as store:
+        for i in range(2):
+            for method, keep, bpb, kl in (("full", 1.0, 1.0, 0.0), ("snapkv", 0.25, 1.5, 0.2)):
+                extra = {
+                    "nll_bits": 64 * bpb * 4,
+                    "scored_tokens": 64,
+                    "scored_bytes": 256,
+                    "flops_per_token": 2.0**20,
+                }
+                store.add(
+                    _row(
+                        **lm,
+                        method=method,
+                        site="none" if method == "full" else "prefill",
+                        keep=keep,
+                        item_id=f"lm-{i}",
+                        prediction="",
+                        score=2**-bpb,
+                        bits_per_byte=bpb,
+                        kl_answer_start=kl,
+                        kept_tokens=int(512 * keep),
+                        kv_bytes=int(1000 * keep),
+                        prefill_s=1.0,
+                        extra=extra,
+                    )
+                )
+                store.add(
+                    _row(
+                        method=method,
+                        site="none" if method == "full" else "prefill",
+                        keep=keep,
+                        item_id=f"needle-{i}",
+                        mode="query_agnostic",
+                        task_params={"length": 100},
+                        prediction="4817",
+                        score=1.0,
+                        token_agreement=1.0 if method == "full" else 0.25,
+                        kl_answer_start=kl,
+                        kept_tokens=int(100 * keep),
+                        kv_bytes=int(1000 * keep),
+                        prefill_s=1.0,
+                        extra={"token_ids": [1, 2, 3, 4], "agree_tokens": 16},
+                    )
+                )
+        rows = store.rows()
+    want = ic([(256.0 * 1.5, 64, 256)] * 2, 2.0**20)
+    assert information_capacity([r for r in rows if r["task"] == "lm" and r["method"] == "snapkv"]) == want
+    assert information_capacity([r for r in rows if r["task"] == "needle"]) is None
+    page = write_report(path, tmp_path / "out").read_text(encoding="utf-8")
+    tables = [t.split("</table>")[0] for t in page.split('<table class="ratios">')[1:]]
+    lm_table = next(t for t in tables if "bits / byte" in t)
+    needle_table = next(t for t in tables if "bits / byte" not in t)
+    assert "token agreement, first 16 tokens" in needle_table and "KL at answer start (nats)" in needle_table
+    snap = next(r for r in re.findall(r"<tr>(.*?)</tr>", needle_table) if "snapkv@prefill" in r)
+    cells = re.findall(r"<td>(.*?)</td>", snap)
+    assert cells[12:14] == ["0.25", "0.2000"]
+    snap = next(r for r in re.findall(r"<tr>(.*?)</tr>", lm_table) if "snapkv@prefill" in r)
+    cells = re.findall(r"<td>(.*?)</td>", snap)
+    assert cells[13:16] == ["0.2000", "1.5000", f"{want:.4f}"] and "Information Capacity" in lm_table
+    md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    assert "Bits per byte of the held-out continuation" in md and "1.500 (IC " in md

@@ -10,7 +10,9 @@
 
 and ``index.html`` with the plots embedded as ``data:`` URIs, the tables (mean score per method ×
 keep with item counts; the best flowsieve method against each peer's best at every keep; speed and
-memory ratios against the full-context run of the same items), the settings (models, versions,
+memory ratios against the full-context run of the same items, with the rows' token agreement over
+the full run's first N tokens and KL at the answer start; for the teacher-forced ``lm`` task, bits
+per byte (lower is better) and Information Capacity), the settings (models, versions,
 git hashes, machines, sweeps) and the cells or peers that failed, with the reason. Every string
 that comes from the store is escaped; the page runs no script.
 """
@@ -102,6 +104,24 @@ def _words(text: str | None) -> list[str] | None:
     return normalize(text).split() or None
 
 
+def information_capacity(rows: Iterable[Mapping[str, Any]]) -> float | None:
+    """Information Capacity (KV_METHODS.md §11) of teacher-forced rows (``lm``), from their
+    ``extra`` (``nll_bits``, ``scored_tokens``, ``scored_bytes``, ``flops_per_token``); None when
+    the rows carry none (other tasks, peers) or disagree on the model's FLOPs."""
+    from flowsieve.bench.tasks.lm import information_capacity as ic
+
+    samples, flops = [], set()
+    for r in rows:
+        e = r.get("extra") or {}
+        if r.get("bits_per_byte") is None or e.get("nll_bits") is None or not e.get("scored_tokens"):
+            continue
+        samples.append((float(e["nll_bits"]), int(e["scored_tokens"]), int(e["scored_bytes"])))
+        flops.add(e.get("flops_per_token"))
+    if not samples or len(flops) != 1 or None in flops:
+        return None
+    return ic(samples, float(flops.pop()))
+
+
 @dataclass
 class Group:
     """The rows of one (model, task variant, mode, method line, keep/budget)."""
@@ -170,6 +190,14 @@ class Ratios:
     agreement: float | None
     word_agreement: float | None
     kept: float | None
+    agree_n: float | None = None
+    """Mean ``token_agreement`` of the rows (the full run's first N tokens)."""
+    kl: float | None = None
+    """Mean ``kl_answer_start`` (nats)."""
+    bpb: float | None = None
+    """Mean ``bits_per_byte`` (lm)."""
+    ic: float | None = None
+    """Information Capacity of the rows (lm)."""
 
 
 def ratios(sec: Section, mode: str, g: Group) -> Ratios:
@@ -202,6 +230,10 @@ def ratios(sec: Section, mode: str, g: Group) -> Ratios:
             _prefix_agreement(_words(r.get("prediction")), _words(f.get("prediction"))) for r, f in pairs
         ),
         kept=_ratio(m(a, "kept_tokens"), m(a, "prompt_tokens")),
+        agree_n=m(a, "token_agreement"),
+        kl=m(a, "kl_answer_start"),
+        bpb=m(a, "bits_per_byte"),
+        ic=information_capacity(a),
     )
 
 
@@ -410,9 +442,16 @@ def best_table(sec: Section, mode: str) -> str:
     return _table(header, rows, "best")
 
 
+def _has_bits(sec: Section) -> bool:
+    return any(
+        r.get("bits_per_byte") is not None for gs in sec.modes.values() for g in gs.values() for r in g.rows
+    )
+
+
 def ratio_table(sec: Section, mode: str) -> str:
     """Per method and keep, against the full-context rows of the same items."""
     groups = sec.modes[mode]
+    bits = _has_bits(sec)
     rows = []
     for g in sorted(
         groups.values(), key=lambda g: (g.line != FULL, ":" in g.line, g.line, _setting_order(g.setting))
@@ -432,6 +471,9 @@ def ratio_table(sec: Section, mode: str) -> str:
                     "1.00",
                     "1.00",
                     _f(_ratio(g.mean("kept_tokens"), g.mean("prompt_tokens")), 2),
+                    _f(g.mean("token_agreement"), 2),
+                    _f(g.mean("kl_answer_start"), 4),
+                    *([_f(g.mean("bits_per_byte"), 4), _f(information_capacity(g.rows), 4)] if bits else []),
                 ]
             )
             continue
@@ -450,8 +492,12 @@ def ratio_table(sec: Section, mode: str) -> str:
                 _f(r.agreement, 2),
                 _f(r.word_agreement, 2),
                 _f(r.kept, 2),
+                _f(r.agree_n, 2),
+                _f(r.kl, 4),
+                *([_f(r.bpb, 4), _f(r.ic, 4)] if bits else []),
             ]
         )
+    n = sorted({(r.get("extra") or {}).get("agree_tokens") for g in groups.values() for r in g.rows} - {None})
     header = [
         "method",
         "setting",
@@ -465,6 +511,9 @@ def ratio_table(sec: Section, mode: str) -> str:
         "token agreement",
         "word agreement",
         "kept / prompt tokens",
+        f"token agreement, first {_e('/'.join(map(str, n)) or 'N')} tokens",
+        "KL at answer start (nats)",
+        *(["bits / byte (lower is better)", "Information Capacity"] if bits else []),
     ]
     return _table(header, rows, "ratios")
 
@@ -613,6 +662,22 @@ def markdown_tables(rows: Iterable[Mapping[str, Any]]) -> str:
                     g = groups.get((line, st))
                     cells.append("" if g is None else _f(ratios(sec, mode, g).word_agreement, 2))
                 out.append(f"| {line} | " + " | ".join(cells) + " |")
+            if _has_bits(sec):
+                out.append("")
+                out.append(
+                    "Bits per byte of the held-out continuation (lower is better), Information Capacity:\n"
+                )
+                cols = [(1.0, 0), *(st for st in settings if st != (1.0, 0))]
+                out.append("| method | " + " | ".join(_setting_label(st) for st in cols) + " |")
+                out.append("|---" * (len(cols) + 1) + "|")
+                for line in lines:
+                    cells = []
+                    for st in cols:
+                        g = groups.get((line, st))
+                        bpb = None if g is None else g.mean("bits_per_byte")
+                        ic = None if g is None or bpb is None else information_capacity(g.rows)
+                        cells.append("" if bpb is None else f"{_f(bpb, 3)} (IC {_f(ic, 3)})")
+                    out.append(f"| {line} | " + " | ".join(cells) + " |")
             systems = sorted({g.system for g in groups.values()}, key=lambda x: (x != "flowsieve", x))
             out.append("")
             out.append("| keep | " + " | ".join(f"best {x} (score, KV bytes / full)" for x in systems) + " |")
@@ -684,7 +749,13 @@ def write_report(db: str | Path, out: str | Path) -> Path:
 method's mean by the full-context mean over the same items: prefill time and KV bytes below 1× and
 decode speed above 1× are better. Word agreement: share of the full run's answer words (normalised)
 reproduced before the first difference, for every system. Token agreement: share of the full run's generated tokens
-reproduced before the first difference. {_e(PEER_NOTE)}</p>
+reproduced before the first difference; "first N tokens": the same over the full run's first N
+tokens, measured by the runner. KL at answer start: KL(full ‖ method), in nats, of the next-token
+distribution that picks the first answer token (0 by construction where that token is chosen by an
+uncompressed prefill pass: query-aware prefill and decode sites). Bits per byte (lm task): negative
+log2-likelihood of a held-out continuation per UTF-8 byte, lower is better; its score is
+2<sup>−bits/byte</sup>. Information Capacity: KV_METHODS.md §11, from the same rows and the model's
+decode FLOPs per token. {_e(PEER_NOTE)}</p>
 <ul>{"".join(toc)}</ul>
 {"".join(parts)}
 <section id="settings"><h2>Settings</h2>{settings_html(rows, runs)}</section>
@@ -699,4 +770,12 @@ reproduced before the first difference. {_e(PEER_NOTE)}</p>
     return index
 
 
-__all__ = ["line_label", "markdown_tables", "pareto_front", "sections", "task_label", "write_report"]
+__all__ = [
+    "information_capacity",
+    "line_label",
+    "markdown_tables",
+    "pareto_front",
+    "sections",
+    "task_label",
+    "write_report",
+]
