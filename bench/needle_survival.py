@@ -31,6 +31,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import flowsieve
+    from flowsieve.bench.runner import _make_sieve
     from flowsieve.bench.tasks import get_task
     from flowsieve.generate import build_prompt
     from flowsieve.kvcache import SieveCache
@@ -64,17 +65,17 @@ def main() -> None:
         protect = torch.ones(T, dtype=torch.bool)
         protect[c_start:c_end] = False
         protect[T - w :] = True
-        sieves = [Sieve(m, keep=k) for m in methods for k in keeps]
+        sieves = [(m, k, _make_sieve(Sieve, m, k, None, "prefill")) for m in methods for k in keeps]
         layers = SieveCache(model).sieve_layers
         from flowsieve.generate import merge_specs
 
         base = SieveCache(model)
         with (
             torch.inference_mode(),
-            observe(model, merge_specs([s.observe_spec(win, layers) for s in sieves])) as obs,
+            observe(model, merge_specs([s.observe_spec(win, layers) for _, _, s in sieves])) as obs,
         ):
             model(input_ids=torch.tensor([list(prompt.ids)]), cache=base, use_cache=True, logits_to_keep=1)
-        for s in sieves:
+        for m, k, s in sieves:
             cache = base.clone()
             with torch.inference_mode():
                 s.compress(obs, cache, protect, win, k=s.target(T))
@@ -82,19 +83,17 @@ def main() -> None:
                 pos = cache.layer(i).positions
                 for head in pos.reshape(-1, pos.shape[-1]):  # per KV head when heads keep different entries
                     have = set(head.tolist())
-                    kept.setdefault((s.method, s.keep), []).append(sum(p in have for p in span) / len(span))
-                    digits.setdefault((s.method, s.keep), []).append(
-                        sum(p in have for p in dspan) / len(dspan)
-                    )
+                    kept.setdefault((m, k), []).append(sum(p in have for p in span) / len(span))
+                    digits.setdefault((m, k), []).append(sum(p in have for p in dspan) / len(dspan))
         print(f"{item.item_id}: needle tokens {span[0]}..{span[-1]} of {T}", flush=True)
     print(
         f"\nmodel {a.model}, {a.items} items of {a.length} tokens; mean share kept over items x compressed layers x KV heads"
     )
-    print(f"{'method':<12} {'keep':>5} {'needle sentence':>16} {'answer digits':>14}")
+    print(f"{'method':<18} {'keep':>5} {'needle sentence':>16} {'answer digits':>14}")
     for m in methods:
         for k in keeps:
             print(
-                f"{m:<12} {k:>5} {statistics.mean(kept[(m, k)]):16.2f} {statistics.mean(digits[(m, k)]):14.2f}"
+                f"{m:<18} {k:>5} {statistics.mean(kept[(m, k)]):16.2f} {statistics.mean(digits[(m, k)]):14.2f}"
             )
 
 
