@@ -331,7 +331,7 @@ def test_lm_scores_bits_not_text():
 
 
 def test_decode_flops_by_hand():
-    """§11's per-token FLOPs for a hand-computed config: d=4, 1 layer, 2 heads (d_k=2), 1 KV head,
+    """The paper's per-token FLOPs for a hand-computed config: d=4, 1 layer, 2 heads (d_k=2), 1 KV head,
     d_ff=8, V=10, 3 steps."""
     from types import SimpleNamespace
 

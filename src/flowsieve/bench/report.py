@@ -105,7 +105,7 @@ def _words(text: str | None) -> list[str] | None:
 
 
 def information_capacity(rows: Iterable[Mapping[str, Any]]) -> float | None:
-    """Information Capacity (KV_METHODS.md §11) of teacher-forced rows (``lm``), from their
+    """Information Capacity (text compression relative to compute) of teacher-forced rows (``lm``), from their
     ``extra`` (``nll_bits``, ``scored_tokens``, ``scored_bytes``, ``flops_per_token``); None when
     the rows carry none (other tasks, peers) or disagree on the model's FLOPs."""
     from flowsieve.bench.tasks.lm import information_capacity as ic
@@ -754,7 +754,7 @@ tokens, measured by the runner. KL at answer start: KL(full ‖ method), in nats
 distribution that picks the first answer token (0 by construction where that token is chosen by an
 uncompressed prefill pass: query-aware prefill and decode sites). Bits per byte (lm task): negative
 log2-likelihood of a held-out continuation per UTF-8 byte, lower is better; its score is
-2<sup>−bits/byte</sup>. Information Capacity: KV_METHODS.md §11, from the same rows and the model's
+2<sup>−bits/byte</sup>. Information Capacity (text-compression gain per log2 of decode FLOPs per token), from the same rows and the model's
 decode FLOPs per token. {_e(PEER_NOTE)}</p>
 <ul>{"".join(toc)}</ul>
 {"".join(parts)}

@@ -70,7 +70,7 @@ from flowsieve.registry import Registry
 log = logging.getLogger("flowsieve.bench")
 
 SITES = ("prompt", "prefill", "decode", "select", "layer", "encoder")
-"""Where a sieve applies (see DESIGN.md, "Apply")."""
+"""Where a sieve applies: prompt text, prefill cache, decode cache, per-step key selection, in-model layers, encoder."""
 
 PEERS = ("kvpress", "llmlingua")
 PEER_SITES = {"kvpress": "prefill", "llmlingua": "prompt"}

