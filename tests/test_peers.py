@@ -73,6 +73,33 @@ def test_unknown_method_suggests_the_closest(system, method, hint):
     assert "\n" not in str(e.value)
 
 
+def test_kvpress_layers_option_is_parsed_with_its_default():
+    assert P.parse_peer_method("kvpress", "snapkv") == ("snapkv", {"layers": "full"})
+    assert P.parse_peer_method("kvpress", "tova@layers=all") == ("tova", {"layers": "all"})
+    assert P.parse_peer_method("llmlingua", "llmlingua") == ("llmlingua", {})
+    assert P.peer_method("kvpress", "snapkv") == "SnapKVPress"
+    assert P.peer_method("kvpress", "snapkv@layers=all") == "SnapKVPress (layers=all)"
+    assert P.peer_method("kvpress", "adakv_expected_attention@layers=full").endswith("(layers=full)")
+
+
+@pytest.mark.parametrize(
+    ("method", "msg"),
+    [
+        ("snapkv@layer=all", r"no method option 'layer' \(did you mean 'layers'\?\); options: layers"),
+        ("snapkv@layers=al", r"layers must be one of full, all, got 'al' \(did you mean 'all'\?\)"),
+        ("snapkv@layers", "is not NAME=VALUE"),
+        ("snapk@layers=all", "did you mean 'snapkv'"),
+        ("llmlingua@layers=all", "llmlingua has no method option 'layers'"),
+    ],
+)
+def test_bad_method_options_fail_before_anything_runs(method, msg, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSIEVE_PEERS_DIR", str(tmp_path))
+    system = method.split("@")[0] if method.startswith("llmlingua") else "kvpress"
+    with pytest.raises(FlowsieveError, match=msg) as e:
+        P.run_peer(system, [_item(0)], method, 0.5, build=False)
+    assert "\n" not in str(e.value) and not any(tmp_path.iterdir())
+
+
 def test_unknown_system_suggests_the_closest():
     with pytest.raises(FlowsieveError, match="did you mean 'kvpress'"):
         P.peer_spec("kvpres")
@@ -215,6 +242,7 @@ def test_run_peer_speaks_the_runner_protocol(chat, tmp_path, monkeypatch):
     assert extra["omp"] == "1" and extra["offline"] == "1"
     cfg = extra["cfg"]
     assert cfg["method"] == "tova" and cfg["peer_method"] == "TOVAPress"
+    assert cfg["options"] == {"layers": "full"}  # the default: full-attention layers only
     assert cfg["keep"] == 0.25 and cfg["mode"] == "query_agnostic" and cfg["max_new_tokens"] == 7
     assert cfg["instruction"] == "Answer briefly."
     assert Path(cfg["gguf_dir"], cfg["gguf_file"]).exists()
@@ -227,6 +255,14 @@ def test_run_peer_speaks_the_runner_protocol(chat, tmp_path, monkeypatch):
         assert r["extra"]["prompt_ids"] == list(prompt.ids) and r["extra"]["prompt_split"] == prompt.split
     plain, templated = (build_prompt(tok, items[0].context, items[0].question, chat=c) for c in (False, True))
     assert len(plain) < len(templated)  # the two settings really differ
+
+
+def test_method_options_reach_the_runner(tmp_path, monkeypatch):
+    _fake_env(tmp_path, "kvpress", ECHO, monkeypatch)
+    (row,) = P.run_peer("kvpress", [_item(0)], "knorm@layers=all", 0.5, threads=1)
+    cfg = row["extra"]["cfg"]
+    assert cfg["method"] == "knorm" and cfg["method_spec"] == "knorm@layers=all"
+    assert cfg["options"] == {"layers": "all"} and cfg["peer_method"] == "KnormPress (layers=all)"
 
 
 def test_runner_failure_is_a_one_line_error(tmp_path, monkeypatch):
@@ -397,6 +433,96 @@ def test_plain_prompt_split_for_kvpress(monkeypatch):
     assert kv.split_ids(ids, 3, "query_aware") == ([2, 10, 11, 12, 13], [14])
     with pytest.raises(kv.PeerError, match="outside"):
         kv.split_ids(ids, 6, "query_agnostic")
+
+
+GEMMA3_270M_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+GEMMA3_270M_LAYERS = GEMMA3_270M_LAYERS * 3  # 18 layers, full attention at 5, 11, 17
+
+
+def test_pressed_layers_leave_sliding_window_layers_out_by_default(monkeypatch):
+    kv = _runner_module("kvpress_runner", monkeypatch)
+    assert kv.pressed_layers(GEMMA3_270M_LAYERS, 18, "full") == [5, 11, 17]
+    assert kv.pressed_layers(GEMMA3_270M_LAYERS, 18, "all") == list(range(18))
+    # SmolLM2: no layer types, or full attention everywhere: every layer either way
+    assert kv.pressed_layers([], 30, "full") == kv.pressed_layers(["full_attention"] * 30, 30, "full")
+    assert kv.pressed_layers([], 30, "full") == list(range(30))
+    with pytest.raises(kv.PeerError, match="layers must be one of full, all"):
+        kv.pressed_layers(GEMMA3_270M_LAYERS, 18, "sliding")
+
+
+def test_unpressed_entries_and_pyramid_budgets(monkeypatch):
+    import types
+
+    kv = _runner_module("kvpress_runner", monkeypatch)
+    sliding = types.SimpleNamespace(is_sliding=True, sliding_window=512)
+    assert kv.unpressed_entries(sliding, 1037) == 511 and kv.unpressed_entries(sliding, 300) == 300
+    assert kv.unpressed_entries(types.SimpleNamespace(is_sliding=False), 1037) == 1037
+    assert kv.unpressed_entries(object(), 1037) == 1037
+    assert kv.layer_budgets([272] * 30).startswith("uniform: kvpress's PyramidKVPress fell back")
+    assert kv.layer_budgets([707, 386, 65]) == (
+        "per layer (pyramid): 65 to 707 entries, 386.0 on average over the pressed layers"
+    )
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_causal_after_stored_mask(kind, monkeypatch):
+    import torch
+
+    kv = _runner_module("kvpress_runner", monkeypatch)
+    like = torch.zeros(1, 1, 3, 9, dtype=torch.bool if kind == "bool" else torch.float32)
+    mask = kv.causal_after_stored(like, stored=4, q=3)
+    assert mask.shape == (1, 1, 3, 7) and mask.dtype == like.dtype
+    visible = mask if kind == "bool" else mask == 0
+    expected = torch.tensor(
+        [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )
+    assert torch.equal(visible[0, 0], expected)
+    if kind == "float":
+        assert mask.min().item() == torch.finfo(torch.float32).min
+
+
+def test_full_attention_masks_on_gemma3_equal_token_by_token(monkeypatch):
+    """layers=full on a Gemma-3: the sliding layers keep their window, the full-attention layer is
+    pruned; one forward of the question gives the logits of feeding it one token at a time. (On
+    flowsieve's transformers the mask is right without the hooks too; the peer's transformers needs
+    them: test_full_attention_masks_are_needed_in_the_kvpress_env.)"""
+    import torch
+    from conftest import tiny_gemma3
+    from transformers import DynamicCache
+
+    kv = _runner_module("kvpress_runner", monkeypatch)
+    model = tiny_gemma3()
+    full = [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+    assert kv.pressed_layers(model.config.layer_types, 3, "full") == full == [2]
+    ctx, qs = torch.randint(3, 128, (1, 40)), torch.randint(3, 128, (1, 6))
+    pos = torch.arange(40, 46).unsqueeze(0)  # the question keeps its original positions
+
+    def pruned_cache():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.model(input_ids=ctx, cache=cache)
+        for i in full:  # a press keeps every third entry
+            layer = cache.layers[i]
+            layer.keys, layer.values = layer.keys[:, :, ::3], layer.values[:, :, ::3]
+        return cache
+
+    hooks = kv.fit_full_attention_masks(model, full)
+    try:
+        with torch.no_grad():
+            at_once = model(input_ids=qs, cache=pruned_cache(), position_ids=pos).logits[0]
+            cache = pruned_cache()
+            one_by_one = torch.stack(
+                [
+                    model(input_ids=qs[:, j : j + 1], cache=cache, position_ids=pos[:, j : j + 1]).logits[
+                        0, -1
+                    ]
+                    for j in range(6)
+                ]
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(at_once, one_by_one, atol=1e-5, rtol=1e-4)
 
 
 def test_full_kv_bytes_caps_sliding_layers_like_flowsieve(monkeypatch):
@@ -629,10 +755,80 @@ def test_kvpress_gemma3_has_flowsieves_weights(gemma3, tmp_path):
     assert torch.equal(peer["logits"].argmax(-1), ours.argmax(-1))
 
 
+PEER_MASKS = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import kvpress_runner as kv
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
+out = {}
+for impl in ("sdpa", "eager"):
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    cfg._attn_implementation = impl
+    model = Gemma3ForCausalLM(cfg).eval()
+    ctx, qs = torch.randint(3, 128, (1, 40)), torch.randint(3, 128, (1, 6))
+    pos = torch.arange(40, 46).unsqueeze(0)
+    def pruned():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.model(input_ids=ctx, past_key_values=cache)
+        layer = cache.layers[2]
+        layer.keys, layer.values = layer.keys[:, :, ::3], layer.values[:, :, ::3]
+        return cache
+    def at_once():
+        with torch.no_grad():
+            return model(input_ids=qs, past_key_values=pruned(), position_ids=pos).logits[0]
+    cache = pruned()
+    with torch.no_grad():
+        one = torch.stack([model(input_ids=qs[:, j:j + 1], past_key_values=cache,
+                                 position_ids=pos[:, j:j + 1]).logits[0, -1] for j in range(6)])
+    plain = at_once()
+    hooks = kv.fit_full_attention_masks(model, [2])
+    fitted = at_once()
+    for h in hooks:
+        h.remove()
+    out[impl] = [(plain - one).abs().max().item(), (fitted - one).abs().max().item()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration
+@needs_peers
+def test_full_attention_masks_are_needed_in_the_kvpress_env(tmp_path):
+    """In the kvpress env (transformers 5.2), a Gemma-3 with its first (sliding) layer unpruned and its
+    full layer pruned gets a question mask that is not causal on the full layer; the runner's fitted
+    mask gives the token-by-token logits, with SDPA and eager attention."""
+    import subprocess
+
+    env = P.ensure_env("kvpress")
+    (tmp_path / "masks.py").write_text(PEER_MASKS)
+    proc = subprocess.run(
+        [str(P.env_python(env)), str(tmp_path / "masks.py"), str(RUNNERS)],
+        capture_output=True,
+        text=True,
+        env=P._runner_env(1),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for impl, (plain, fitted) in diffs.items():
+        assert plain > 1e-3, f"{impl}: transformers' own mask was right ({plain:.3g})"
+        assert fitted < 1e-4, f"{impl}: the fitted mask differs from token by token ({fitted:.3g})"
+
+
 @pytest.mark.integration
 @needs_peers
 @pytest.mark.parametrize(
-    ("method", "mode"), [("expected_attention", "query_agnostic"), ("snapkv", "query_aware")]
+    ("method", "mode"),
+    [
+        ("expected_attention", "query_agnostic"),
+        ("snapkv", "query_aware"),
+        ("adakv_expected_attention", "query_agnostic"),
+        ("snapkv@layers=all", "query_aware"),
+    ],
 )
 def test_kvpress_runs_gemma3_on_flowsieves_plain_prompt(method, mode, gemma3):
     from flowsieve.generate import build_prompt, full_kv_bytes
@@ -652,23 +848,37 @@ def test_kvpress_runs_gemma3_on_flowsieves_plain_prompt(method, mode, gemma3):
         assert r["prompt_tokens"] == len(prompt) and extra["tokens_match_flowsieve"] is True
         assert extra["chat"] is False and extra["model_class"] == "Gemma3ForCausalLM"
         assert r["kv_bytes_full"] == full_kv_bytes(model, len(prompt))  # sliding layers capped, as flowsieve
-        # kv_bytes is what the cache's tensors hold, layer by layer (18 layers, sliding ones pruned too)
+        # kv_bytes is what the cache's tensors hold, layer by layer (18 layers)
         stored = extra["stored_per_layer"]
         assert len(stored) == cfg.num_hidden_layers and r["kv_bytes"] == sum(stored) * per_entry
-        assert extra["sliding_layers_compressed"] is True and "compressed too" in extra["sliding_layers"]
-        assert extra["sliding_layer_indices"] == [
-            i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"
-        ]
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        full = [i for i in range(cfg.num_hidden_layers) if i not in sliding]
+        assert extra["sliding_layer_indices"] == sliding and full == [5, 11, 17]
         assert extra["kv_bytes_sliding_layers"] + extra["kv_bytes_full_attention_layers"] == r["kv_bytes"]
-        n_ctx = extra["context_tokens"]
+        n_ctx, n_q = extra["context_tokens"], extra["question_tokens"]
         if mode == "query_agnostic":  # <bos> + context compressed, question + instruction appended
             assert n_ctx == prompt.split
         else:  # everything but the last token compressed
-            assert n_ctx == len(prompt) - 1 and extra["question_tokens"] == 1
-        assert extra["kept_context_tokens"] == int(n_ctx * 0.5)
-        assert r["kept_tokens"] == extra["kept_context_tokens"] + extra["question_tokens"] == max(stored)
+            assert n_ctx == len(prompt) - 1 and n_q == 1
+        if method.endswith("@layers=all"):  # kvpress as shipped: every layer pressed alike
+            assert extra["layers"] == "all" and extra["pressed_layers"] == list(range(18))
+            assert extra["sliding_layers_compressed"] is True and "compressed too" in extra["sliding_layers"]
+            assert set(stored) == {int(n_ctx * 0.5) + n_q}
+        else:  # our adaptation: full-attention layers pressed, sliding layers keep their window
+            assert extra["layers"] == "full" and extra["pressed_layers"] == full
+            assert extra["sliding_layers_compressed"] is False and "adaptation" in extra["sliding_layers"]
+            assert all(stored[i] == min(n_ctx + n_q, cfg.sliding_window - 1) for i in sliding)
+            if method.startswith("adakv"):  # head-wise masking: the pressed layers keep every entry
+                assert all(stored[i] == n_ctx + n_q for i in full)
+                assert "wrapper of ours" in extra["sliding_layers"]
+            else:
+                assert all(stored[i] == int(n_ctx * 0.5) + n_q for i in full)
+                assert "PerLayerCompressionPress" in extra["press"]
+                assert r["kv_bytes"] < r["kv_bytes_full"]
+        kept = max(stored[i] for i in extra["pressed_layers"])
+        assert r["kept_tokens"] == extra["kept_context_tokens"] + n_q == kept
         assert 1 <= r["new_tokens"] <= 6 and r["prefill_s"] > 0 and isinstance(r["prediction"], str)
-        if method == "expected_attention":
+        if method.startswith("expected_attention"):
             assert "bound to its own type" in extra["rope"]
 
 

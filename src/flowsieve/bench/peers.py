@@ -13,6 +13,16 @@ Models: both runners load the bundled SmolLM2; kvpress also the bundled Gemma-3-
 inside each peer's environment (a tokenizer must be read by the transformers version that saved it;
 Gemma-3's tokenizer is the one flowsieve's transformers converts, see ``bench/peers/_common.py``).
 
+Gemma-3 and kvpress (option ``layers``, spelled ``snapkv@layers=all``): kvpress 0.5.5 presses every
+layer of a text-only ``Gemma3ForCausalLM``, its sliding-window layers included (it leaves them out for
+the multimodal Gemma-3 only); measured on gemma3-270m that gave degenerate answers and a cache larger
+than the uncompressed one. Our adaptation, the default ``layers=full``, presses only the full-attention
+layers (through kvpress's ``PerLayerCompressionPress`` with ratio 0 on the sliding-window layers; AdaKV
+through a small wrapper in the runner), keeps transformers' sliding-window cache layers (at most the
+window) and fixes the question's mask on the pressed layers; see ``bench/peers/kvpress_runner.py``.
+``layers=all`` is kvpress as shipped. SmolLM2 has full-attention layers only: both are the same there.
+Rows record the choice (``extra["layers"]``, ``extra["pressed_layers"]``).
+
 Prompt: flowsieve's :func:`flowsieve.generate.build_prompt` with ``chat`` as the sweep has it: the
 text ``context + "\\n\\n" + question + "\\nAnswer briefly."`` as one user turn of the chat template
 (``chat=True``), or as it is with the tokenizer's special tokens (``chat=False``, e.g. Gemma-3's
@@ -80,6 +90,8 @@ class PeerSpec:
     """The bundled models (``flowsieve.models.BUNDLED``) the runner loads."""
     models_note: str = ""
     """Why other bundled models are not supported (said in the error)."""
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Method options, spelled ``method@name=value`` (name -> its values, the first the default)."""
 
     def modes(self, method: str) -> tuple[str, ...]:
         return self.only_modes.get(method, MODES)
@@ -103,6 +115,9 @@ PEERS: dict[str, PeerSpec] = {
         },
         runner="kvpress_runner.py",
         models=("smollm2", "gemma3-270m"),
+        # full: only full-attention layers are pressed (our adaptation for Gemma-3's sliding-window
+        # layers; every layer of SmolLM2); all: every layer, kvpress 0.5.5 as shipped
+        options={"layers": ("full", "all")},
     ),
     "llmlingua": PeerSpec(
         system="llmlingua",
@@ -154,15 +169,46 @@ def peer_spec(system: str) -> PeerSpec:
     return spec
 
 
-def peer_method(system: str, method: str) -> str:
-    """What the peer runs for our method name ``method`` (e.g. ``snapkv`` -> ``SnapKVPress``)."""
+def parse_peer_method(system: str, method: str) -> tuple[str, dict[str, str]]:
+    """``"snapkv@layers=all"`` -> ``("snapkv", {"layers": "all"})``: our method name and its options,
+    every option of the peer filled in (the default where not given). Unknown names and values raise
+    :class:`FlowsieveError` with a suggestion."""
+    from flowsieve.bench.runner import parse_method
+
     spec = peer_spec(system)
-    if method not in spec.methods:
+    name, given = parse_method(str(method))
+    if name not in spec.methods:
         names = list(spec.methods)
         raise FlowsieveError(
-            f"{system} has no method '{method}'{did_you_mean(str(method), names)}; methods: {', '.join(names)}"
+            f"{system} has no method '{name}'{did_you_mean(name, names)}; methods: {', '.join(names)}"
         )
-    return spec.methods[method]
+    options = {k: values[0] for k, values in spec.options.items()}
+    for key, value in given.items():
+        if key not in spec.options:
+            known = list(spec.options)
+            raise FlowsieveError(
+                f"{system} has no method option '{key}'{did_you_mean(key, known)}; "
+                f"options: {', '.join(known) or '(none)'}"
+            )
+        values = spec.options[key]
+        if str(value) not in values:
+            raise FlowsieveError(
+                f"{system} option {key} must be one of {', '.join(values)}, got {value!r}"
+                f"{did_you_mean(str(value), values)}"
+            )
+        options[key] = str(value)
+    return name, options
+
+
+def peer_method(system: str, method: str) -> str:
+    """What the peer runs for our method name ``method`` (e.g. ``snapkv`` -> ``SnapKVPress``); options
+    given in the name are added (``snapkv@layers=all`` -> ``SnapKVPress (layers=all)``)."""
+    from flowsieve.bench.runner import parse_method
+
+    name, options = parse_peer_method(system, method)
+    what = peer_spec(system).methods[name]
+    given = parse_method(str(method))[1]
+    return f"{what} ({', '.join(f'{k}={options[k]}' for k in given)})" if given else what
 
 
 # --- environments ------------------------------------------------------------------------------------
@@ -371,7 +417,7 @@ def _check_args(
     model_name: str,
     chat: bool,
 ) -> None:
-    peer_method(system, method)
+    name, _ = parse_peer_method(system, method)
     spec = peer_spec(system)
     if model_name not in spec.models:
         why = f" ({spec.models_note})" if spec.models_note else ""
@@ -386,9 +432,9 @@ def _check_args(
         raise FlowsieveError(
             f"mode must be one of {', '.join(MODES)}, got {mode!r}{did_you_mean(str(mode), MODES)}"
         )
-    allowed = peer_spec(system).modes(method)
+    allowed = peer_spec(system).modes(name)
     if mode not in allowed:
-        raise FlowsieveError(f"{system} method {method} runs {' and '.join(allowed)} only, not {mode}")
+        raise FlowsieveError(f"{system} method {name} runs {' and '.join(allowed)} only, not {mode}")
     for name, v in (("max_new_tokens", max_new_tokens), ("threads", threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FlowsieveError(f"{name} must be a positive integer, got {v!r}")
@@ -451,7 +497,9 @@ def run_peer(
     Args:
         system: ``kvpress`` or ``llmlingua``.
         items: task items (anything with task, item_id, context, question, answers, meta).
-        method: our name of the peer's method (``PEER_METHODS[system]``).
+        method: our name of the peer's method (``PEER_METHODS[system]``), with options as
+            ``name@option=value`` (``PeerSpec.options``; kvpress: ``layers=full`` or ``all``, see the
+            module docstring).
         keep: fraction of the context kept (kvpress ``compression_ratio = 1 - keep``; LLMLingua
             ``rate = keep``).
         model_name: the bundled model (``PEERS[system].models``: ``smollm2``; kvpress also
@@ -502,8 +550,11 @@ def run_peer(
         records.append(item_record(it) | {"prompt_ids": list(prompt.ids), "prompt_split": prompt.split})
     if timeout is None:
         timeout = 600 + 600 * len(items)
+    name, options = parse_peer_method(system, method)
     config = {
-        "method": method,
+        "method": name,
+        "method_spec": method,
+        "options": options,
         "peer_method": peer_method(system, method),
         "keep": float(keep),
         "mode": mode,
