@@ -219,8 +219,11 @@ class SweepConfig:
             )
         for system, methods in peers.items():
             known = _default_peer_methods(system)
+            peers_mod = _peers_module()
             for m in methods:
-                if m not in known:
+                if peers_mod is not None and hasattr(peers_mod, "parse_peer_method"):
+                    peers_mod.parse_peer_method(system, m)  # name and options (did you mean)
+                elif m not in known:
                     raise FlowsieveError(
                         f"{system} has no method '{m}'{did_you_mean(m, known)}; methods: {', '.join(known)}"
                     )
