@@ -78,7 +78,8 @@ def main() -> None:
         for m, k, s in sieves:
             cache = base.clone()
             with torch.inference_mode():
-                s.compress(obs, cache, protect, win, k=s.target(T))
+                units = prompt.sentence_units() if s.units != "token" else None
+                s.compress(obs, cache, protect, win, k=s.target(T), units=units)
             for i in layers:
                 pos = cache.layer(i).positions
                 for head in pos.reshape(-1, pos.shape[-1]):  # per KV head when heads keep different entries

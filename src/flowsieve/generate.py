@@ -12,7 +12,9 @@ exactly the tokens of ``model.generate(do_sample=False)``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -38,12 +40,24 @@ class Prompt:
         question: token span [start, end) of the question (and what follows it), or None.
         split: index where a query-agnostic run splits the prompt: ``ids[:split]`` is compressed
             before the question is known, ``ids[split:]`` is appended afterwards.
+        sentences: per token, the index of the sentence it starts in (a sentence ends after ``.``,
+            ``!`` or ``?`` followed by white space, and at every line break); empty when unknown.
+            Sieves with ``units="sentence"`` keep or drop whole sentences.
     """
 
     ids: tuple[int, ...]
     context: tuple[int, int]
     question: tuple[int, int] | None
     split: int
+    sentences: tuple[int, ...] = ()
+
+    def sentence_units(self) -> torch.Tensor:
+        """(T,) long: :attr:`sentences` as a tensor; raises when the prompt was built without text."""
+        if len(self.sentences) != len(self.ids):
+            raise FlowsieveError(
+                "this prompt has no sentence map (build it with flowsieve.generate.build_prompt)"
+            )
+        return torch.tensor(self.sentences, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,7 +108,23 @@ def build_prompt(
         q0 = c1 + 2  # after the blank line
         qs = next((i for i, s in enumerate(starts) if s >= q0), len(ids))
         qspan = (min(qs, len(ids)), len(ids))
-    return Prompt(ids=tuple(ids), context=(t0, t1), question=qspan, split=t1)
+    return Prompt(
+        ids=tuple(ids), context=(t0, t1), question=qspan, split=t1, sentences=sentence_index(text, starts)
+    )
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+
+
+def sentence_index(text: str, starts: Sequence[int]) -> tuple[int, ...]:
+    """Per token (given its start offset in ``text``), the index of the sentence it starts in.
+
+    A sentence ends after ``.``, ``!`` or ``?`` (and closing quotes or brackets) followed by white
+    space, and before every run of line breaks; the white space after a sentence belongs to the next.
+    """
+    ends = {m.end() for m in _SENTENCE_END.finditer(text)}
+    cuts = sorted(ends | {m.start() for m in re.finditer(r"\n+", text)})
+    return tuple(bisect.bisect_right(cuts, a) for a in starts)
 
 
 @dataclass
@@ -438,6 +468,7 @@ def prefill_with_sieve(
     cache = SieveCache(model)
     k = sieve.target(T)
     size = sieve.chunk or T
+    units = prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
     t0 = time.perf_counter()
     score_s = 0.0
     peak_entries = 0
@@ -455,7 +486,7 @@ def prefill_with_sieve(
             prot = protect[:b].clone()
             prot[win[0] : b] = True
             ts = time.perf_counter()
-            kept = sieve.compress(obs, cache, prot, win, k=min(k, b))
+            kept = sieve.compress(obs, cache, prot, win, k=min(k, b), units=units)
             score_s += time.perf_counter() - ts
     t1 = time.perf_counter()
     if tail:
@@ -580,7 +611,8 @@ def generate_many(
             t1 = time.perf_counter()
             cache = base.clone()
             with torch.inference_mode():
-                kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T))
+                units = prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
+                kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T), units=units)
                 logits = append_tokens(model, cache, tail) if tail else logits0
             own_s = time.perf_counter() - t1
             kv = kv_bytes(cache)

@@ -20,9 +20,11 @@ import torch
 from flowsieve.errors import FlowsieveError, did_you_mean
 from flowsieve.observe import Observer, ObserveSpec
 from flowsieve.sieves import METHODS, KVScorer, ScoreContext
+from flowsieve.sieves.base import unit_pool
 from flowsieve.sieves.layer import LayerPruner
 
 SITES = ("prefill", "decode", "select", "layer", "prompt")
+UNITS = ("token", "sentence")
 
 
 @dataclass
@@ -42,6 +44,12 @@ class Sieve:
             queries, like h2o, then sums over the chunk's queries).
         seed: for methods that draw random numbers.
         options: keyword arguments of the method (e.g. ``{"kernel": 7}`` for snapkv).
+        units: ``"token"`` (default: entries are kept one by one, the papers' rule) or
+            ``"sentence"``: at the prefill site the method's scores rank whole sentences by their
+            best entry and the best sentences are kept whole (the last one in part, so the budget
+            stays exact); needs the prompt's sentence map, which :func:`flowsieve.generate.generate`
+            and :func:`~flowsieve.generate.generate_many` provide. A project extension (whole-segment
+            selection as in LongLLMLingua's coarse stage), not part of any KV paper.
     """
 
     method: str
@@ -52,9 +60,16 @@ class Sieve:
     chunk: int | None = None
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    units: str = "token"
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
+        if self.units not in UNITS:
+            raise FlowsieveError(
+                f"unknown units '{self.units}'{did_you_mean(self.units, UNITS)}; known: {', '.join(UNITS)}"
+            )
+        if self.units != "token" and self.site != "prefill":
+            raise FlowsieveError(f"units='{self.units}' applies at the prefill site only, not '{self.site}'")
         if (self.keep is None) == (self.budget is None):
             raise FlowsieveError("give exactly one of keep (a ratio) and budget (a token count)")
         if self.keep is not None and not (0 < self.keep <= 1):
@@ -123,7 +138,13 @@ class Sieve:
         return spec
 
     def compress(
-        self, obs: Observer, cache: Any, protect: torch.Tensor, window: tuple[int, ...], k: int | None = None
+        self,
+        obs: Observer,
+        cache: Any,
+        protect: torch.Tensor,
+        window: tuple[int, ...],
+        k: int | None = None,
+        units: torch.Tensor | None = None,
     ) -> int:
         """Score every sieve layer of ``cache`` from ``obs`` and keep the best entries.
 
@@ -133,6 +154,8 @@ class Sieve:
             protect: bool (N,) over absolute token positions: entries that are always kept.
             window: absolute positions of the observation queries.
             k: entries to keep per layer (default: ``target`` of the absolute length).
+            units: (N,) long over absolute positions, the sentence of every token; required when
+                :attr:`units` is ``"sentence"``.
 
         Returns:
             the mean number of entries kept per sieve layer.
@@ -164,13 +187,22 @@ class Sieve:
             ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed)
             raw.append(self.scorer.score(obs.layer(i), ctx).float())
         scores = dict(zip(layers, self.scorer.accumulate(raw)))
+        if self.units == "sentence":
+            if units is None:
+                raise FlowsieveError(
+                    "units='sentence' needs the prompt's sentence map: run it through flowsieve.generate"
+                )
+            # whole sentences are ranked for selection; a recycling method still weighs by entry
+            ranked = {i: unit_pool(scores[i], units[cache.layer(i).positions]) for i in layers}
+        else:
+            ranked = scores
         plan = self.scorer.budgets(k, n_protected, T, layers)
         for i in layers:
             ki = plan[i]
             if not n_protected <= ki <= T:
                 raise FlowsieveError(f"layer {i}: budget {ki} outside [{n_protected}, {T}]")
             if ki < T:
-                idx = select_topk(scores[i], prot[i], ki)
+                idx = select_topk(ranked[i], prot[i], ki)
                 merged = self.scorer.recycle(*cache.stored_kv(i), scores[i], idx, prot[i])
                 if merged is not None:
                     cache.replace_kv(i, *merged)
@@ -197,6 +229,10 @@ class Sieve:
         from flowsieve.observe import observe
 
         site = site or self.site
+        if self.units != "token":
+            raise FlowsieveError(
+                f"units='{self.units}' needs the prompt's sentence map: use flowsieve.generate, not Sieve.on"
+            )
         if site not in ("prefill", "decode", "select", "layer"):
             raise FlowsieveError(
                 f"Sieve.on supports the prefill, decode, select and layer sites, not '{site}'"

@@ -821,7 +821,11 @@ def _share_groups(jobs: list[Job]) -> list[list[Job]]:
 def _make_sieve(sieve_cls: Any, method: str, keep: float | None, budget: int | None, site: str) -> Any:
     """The sieve of a cell: ``method`` may carry options (``fastv@layer=6``, :func:`parse_method`)."""
     name, options = parse_method(method)
-    extra = {"options": options} if options else {}
+    extra: dict[str, Any] = {}
+    if "units" in options:  # a Sieve setting, not a scorer option
+        extra["units"] = options.pop("units")
+    if options:
+        extra["options"] = options
     return sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
 
 

@@ -117,6 +117,43 @@ def gqa_mean(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     return x.view(B, n_kv_heads, H // n_kv_heads, T).mean(2)
 
 
+def unit_pool(scores: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """Rank whole units (sentences) by their best entry: every entry of a unit whose best score is
+    higher comes first; inside a unit, entries keep their own order.
+
+    Args:
+        scores: (1, T) or (1, Hk|1, T) entry scores (higher = keep; -inf allowed).
+        units: (1, Hk|1, T) long, the unit of every entry (same slots as ``scores``).
+
+    Returns:
+        (1, Hk', T) float scores whose top-k is: the units in order of their maximum, whole, then
+        the best entries of the next unit. Unit rank r maps to ``-r + 0.5 * t`` with t in [0, 1) the
+        entry's own score scaled within the row, so ranks never mix.
+    """
+    s = scores.float()
+    if s.dim() == 2:
+        s = s[:, None]
+    shape = torch.broadcast_shapes(s.shape, units.shape)
+    s = s.expand(shape).reshape(-1, shape[-1])
+    u = units.expand(shape).reshape(-1, shape[-1])
+    out = torch.empty_like(s)
+    for r in range(s.shape[0]):
+        row, ur = s[r], u[r]
+        ids, inv = torch.unique(ur, return_inverse=True)
+        finite = torch.isfinite(row)
+        clean = torch.where(finite, row, torch.full_like(row, float("-inf")))
+        best = torch.full((len(ids),), float("-inf")).scatter_reduce(0, inv, clean, "amax", include_self=True)
+        rank = torch.empty(len(ids), dtype=torch.float32)
+        rank[torch.argsort(best, descending=True, stable=True)] = torch.arange(len(ids), dtype=torch.float32)
+        lo = row[finite].min() if finite.any() else torch.tensor(0.0)
+        hi = row[finite].max() if finite.any() else torch.tensor(0.0)
+        t = torch.where(finite, (row - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(row)).clamp(
+            0, 0.999
+        )
+        out[r] = -rank[inv] + 0.5 * t
+    return out.reshape(shape)
+
+
 def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
     """Same-length 1-D pooling along the last dim (SnapKV's clustering of neighbouring tokens)."""
     if kernel <= 1:
