@@ -118,3 +118,21 @@ def test_bench_method_spelling_sets_units():
 
     s = _make_sieve(Sieve, "flowcut@kernel=5@units=sentence", 0.25, None, "prefill")
     assert s.units == "sentence" and s.scorer.kernel == 5
+
+
+def test_bench_checks_accept_units():
+    from flowsieve.bench.runner import SweepConfig, check_methods
+
+    cfg = SweepConfig(
+        model="smollm2",
+        methods=("flowcut@kernel=5@units=sentence",),
+        sites=("prefill",),
+        keeps=(0.25,),
+        tasks=("needle",),
+    )
+    check_methods(cfg)
+    bad = SweepConfig(
+        model="smollm2", methods=("flowcut@units=word",), sites=("prefill",), keeps=(0.25,), tasks=("needle",)
+    )
+    with pytest.raises(FlowsieveError, match="unknown units 'word'"):
+        check_methods(bad)

@@ -389,7 +389,7 @@ def check_methods(config: SweepConfig) -> None:
         raise FlowsieveError(f"method '{others[0]}' is not available: {e}; only '{FULL}' runs") from None
     registry = _method_registry(module)
     for spec in others:
-        method, options = parse_method(spec)
+        method = parse_method(spec)[0]
         if registry is not None and method not in registry and config.sites != ("prompt",):
             known = [FULL, *registry]
             raise FlowsieveError(
@@ -410,7 +410,7 @@ def check_methods(config: SweepConfig) -> None:
             keep = config.keeps[0] if config.keeps else None
             budget = None if config.keeps else config.budgets[0]
             try:
-                sieve(method, keep=keep, budget=budget, site=site, options=options)
+                _make_sieve(sieve, spec, keep, budget, site)
             except FlowsieveError as e:
                 raise FlowsieveError(f"method '{method}' at site '{site}': {e}") from None
             except TypeError as e:
