@@ -562,26 +562,30 @@ def _chunk_probs(
     # group query heads by their KV head instead of repeating K: (B,Hk,g*c,d) @ (B,Hk,d,n)
     qg = (query[:, :, a:b].float() * scaling).reshape(B, Hk, g * c, d)
     s = (qg @ key[:, :, :n].float().transpose(-1, -2)).view(B, H, c, n)
+    vis = _visibility(attention_mask, causal, q, L, a, b, query.device)
+    return _masked_softmax(s, kind, mask, track), n, vis
+
+
+def _masked_softmax(s: torch.Tensor, kind: str, mask: torch.Tensor | None, track: bool) -> torch.Tensor:
+    """Mask scores (B, h, c, n) of one chunk (``kind``/``mask`` from :func:`_mask_chunk`) and softmax
+    over the keys, in place unless autograd is recording (``track``)."""
+    c, n = s.shape[-2], s.shape[-1]
     if kind == "causal":
-        # keys [0, a) are visible to every row; only the last c x c block is triangular
-        tri = torch.ones(c, c, dtype=torch.bool, device=query.device).triu(1)
+        # keys before the chunk are visible to every row; only the last c x c block is triangular
+        tri = torch.ones(c, c, dtype=torch.bool, device=s.device).triu(1)
         s[..., n - c :].masked_fill_(tri, float("-inf"))
     elif kind in ("bool", "float"):
         assert mask is not None
         if kind == "float":
             s = s + mask.float() if track else s.add_(mask.float())
-        s = (
-            s.masked_fill(~_allowed(mask), float("-inf"))
-            if track
-            else s.masked_fill_(~_allowed(mask), float("-inf"))
-        )
-    vis = _visibility(attention_mask, causal, q, L, a, b, query.device)
-    # softmax in place over the scores: one buffer per chunk instead of two
+        allowed = _allowed(mask)
+        s = s.masked_fill(~allowed, float("-inf")) if track else s.masked_fill_(~allowed, float("-inf"))
+    # in place: one buffer per chunk instead of two
     p = torch.softmax(s, -1) if track else torch.ops.aten._softmax.out(s, -1, False, out=s)
     if kind in ("bool", "float"):
         # a fully masked row (padding) gives NaN in softmax; SDPA returns zeros there
-        p = torch.nan_to_num_(p, nan=0.0)
-    return p, n, vis
+        p = torch.nan_to_num(p, nan=0.0) if track else torch.nan_to_num_(p, nan=0.0)
+    return p
 
 
 def _group_probs(
@@ -614,19 +618,7 @@ def _group_probs(
         s = buf[0][:size].view(B, g * c, n)
         torch.bmm(qg, kt, out=s)
         s = s.view(B, g, c, n)
-    if kind == "causal":
-        tri = torch.ones(c, c, dtype=torch.bool, device=qs.device).triu(1)
-        s[..., n - c :].masked_fill_(tri, float("-inf"))
-    elif kind in ("bool", "float"):
-        assert mask is not None
-        if kind == "float":
-            s = s + mask.float() if track else s.add_(mask.float())
-        allowed = _allowed(mask)
-        s = s.masked_fill(~allowed, float("-inf")) if track else s.masked_fill_(~allowed, float("-inf"))
-    p = torch.softmax(s, -1) if track else torch.ops.aten._softmax.out(s, -1, False, out=s)
-    if kind in ("bool", "float"):
-        p = torch.nan_to_num(p, nan=0.0) if track else torch.nan_to_num_(p, nan=0.0)
-    return p
+    return _masked_softmax(s, kind, mask, track)
 
 
 def _summaries(
