@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 import torch
+from test_bench_runner import tiny_loader  # the tiny Llama + character tokenizer of the runner tests
 
 import flowsieve.generate as gen
 from flowsieve.bench import runner
@@ -16,37 +17,6 @@ from flowsieve.bench.store import ADDED, FULL, Store
 from flowsieve.bench.tasks import get_task
 
 pytest.importorskip("flowsieve.sieve")
-
-
-class CharTok:
-    """One token per ASCII character, with offsets."""
-
-    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True, **_):
-        enc = {"input_ids": [min(ord(c), 127) for c in text]}
-        if return_offsets_mapping:
-            enc["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
-        return enc
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i) for i in ids)
-
-
-def tiny_loader(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg).eval(), CharTok()
 
 
 def sweep(tmp_path, name="r", **kw):

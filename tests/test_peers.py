@@ -481,6 +481,23 @@ def test_causal_after_stored_mask(kind, monkeypatch):
         assert mask.min().item() == torch.finfo(torch.float32).min
 
 
+def _at_once_and_one_by_one(model, qs, pos, pruned_cache):
+    """Logits of the query tokens ``qs`` fed in one forward and one token at a time, each on a
+    fresh ``pruned_cache()``."""
+    import torch
+
+    with torch.no_grad():
+        at_once = model(input_ids=qs, cache=pruned_cache(), position_ids=pos).logits[0]
+        cache = pruned_cache()
+        one_by_one = torch.stack(
+            [
+                model(input_ids=qs[:, j : j + 1], cache=cache, position_ids=pos[:, j : j + 1]).logits[0, -1]
+                for j in range(qs.shape[1])
+            ]
+        )
+    return at_once, one_by_one
+
+
 def test_full_attention_masks_on_gemma3_equal_token_by_token(monkeypatch):
     """layers=full on a Gemma-3: the sliding layers keep their window, the full-attention layer is
     pruned; one forward of the question gives the logits of feeding it one token at a time. (On
@@ -508,17 +525,7 @@ def test_full_attention_masks_on_gemma3_equal_token_by_token(monkeypatch):
 
     hooks = kv.fit_full_attention_masks(model, full)
     try:
-        with torch.no_grad():
-            at_once = model(input_ids=qs, cache=pruned_cache(), position_ids=pos).logits[0]
-            cache = pruned_cache()
-            one_by_one = torch.stack(
-                [
-                    model(input_ids=qs[:, j : j + 1], cache=cache, position_ids=pos[:, j : j + 1]).logits[
-                        0, -1
-                    ]
-                    for j in range(6)
-                ]
-            )
+        at_once, one_by_one = _at_once_and_one_by_one(model, qs, pos, pruned_cache)
     finally:
         for h in hooks:
             h.remove()
@@ -564,17 +571,7 @@ def test_layerwise_mask_fit_equals_token_by_token(monkeypatch):
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
     try:
         kv.fit_sdpa_masks()
-        with torch.no_grad():
-            at_once = model(input_ids=qs, cache=pruned_cache(), position_ids=pos).logits[0]
-            cache = pruned_cache()
-            one_by_one = torch.stack(
-                [
-                    model(input_ids=qs[:, j : j + 1], cache=cache, position_ids=pos[:, j : j + 1]).logits[
-                        0, -1
-                    ]
-                    for j in range(6)
-                ]
-            )
+        at_once, one_by_one = _at_once_and_one_by_one(model, qs, pos, pruned_cache)
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = original
     torch.testing.assert_close(at_once, one_by_one, atol=1e-5, rtol=1e-4)
