@@ -33,7 +33,7 @@ def main() -> None:
     import flowsieve
     from flowsieve.bench.runner import _make_sieve
     from flowsieve.bench.tasks import get_task
-    from flowsieve.generate import build_prompt
+    from flowsieve.generate import build_prompt, units_for
     from flowsieve.kvcache import SieveCache
     from flowsieve.observe import observe
     from flowsieve.sieve import Sieve
@@ -78,8 +78,7 @@ def main() -> None:
         for m, k, s in sieves:
             cache = base.clone()
             with torch.inference_mode():
-                units = prompt.sentence_units() if s.units != "token" else None
-                s.compress(obs, cache, protect, win, k=s.target(T), units=units)
+                s.compress(obs, cache, protect, win, k=s.target(T), units=units_for(s, prompt))
             for i in layers:
                 pos = cache.layer(i).positions
                 for head in pos.reshape(-1, pos.shape[-1]):  # per KV head when heads keep different entries

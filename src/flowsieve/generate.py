@@ -428,6 +428,12 @@ def _dtype_bytes(model: nn.Module) -> int:
     return next(model.parameters()).element_size()
 
 
+def units_for(sieve: Any, prompt: Prompt) -> torch.Tensor | None:
+    """The unit map ``sieve.compress`` needs for ``prompt``: its sentence map when the sieve keeps
+    whole sentences, else None."""
+    return prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
+
+
 @torch.inference_mode()
 def prefill_with_sieve(
     model: nn.Module, prompt: Prompt, sieve: Any, mode: str
@@ -468,7 +474,7 @@ def prefill_with_sieve(
     cache = SieveCache(model)
     k = sieve.target(T)
     size = sieve.chunk or T
-    units = prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
+    units = units_for(sieve, prompt)
     t0 = time.perf_counter()
     score_s = 0.0
     peak_entries = 0
@@ -611,7 +617,7 @@ def generate_many(
             t1 = time.perf_counter()
             cache = base.clone()
             with torch.inference_mode():
-                units = prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
+                units = units_for(sieve, prompt)
                 kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T), units=units)
                 logits = append_tokens(model, cache, tail) if tail else logits0
             own_s = time.perf_counter() - t1
