@@ -17,7 +17,8 @@ Q = "who sleeps?"
 
 
 def _prefill_methods() -> list[str]:
-    return [n for n, c in METHODS.items() if "prefill" in c.sites]
+    # methods that replay the context score from their own passes (refused below)
+    return [n for n, c in METHODS.items() if "prefill" in c.sites and c.probe is None]
 
 
 @pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])
@@ -56,3 +57,5 @@ def test_refuses_other_sites_and_chunks(tiny_llama_model, char_tok):
         )
     with pytest.raises(FlowsieveError, match="unchunked prefill"):
         generate_many(tiny_llama_model, char_tok, CTX, Q, [Sieve("h2o", keep=0.5, site="decode")], chat=False)
+    with pytest.raises(FlowsieveError, match="own replay passes"):
+        generate_many(tiny_llama_model, char_tok, CTX, Q, [Sieve("kvzip", keep=0.5)], chat=False)

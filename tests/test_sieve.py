@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CharTokenizer
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.generate import Prompt, prefill_with_sieve
@@ -49,7 +50,9 @@ def test_keep_all_is_identity(tiny_causal, method):
 
     _, model = tiny_causal
     p = _prompt(40, 3, 30)
-    cache, logits, extra = prefill_with_sieve(model, p, Sieve(method, keep=1.0, window=8), "query_aware")
+    cache, logits, extra = prefill_with_sieve(
+        model, p, Sieve(method, keep=1.0, window=8), "query_aware", CharTokenizer(), chat=False
+    )
     assert extra["kept_entries"] == 40
     got, _ = decode_greedy(model, cache, logits, 6, eos=set())
     ref = model.generate(torch.tensor([p.ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 40:]
@@ -67,7 +70,7 @@ def test_compression_matches_masked_reference(tiny_causal, method, mode):
     # merging methods change the kept keys/values (tested on their own): prune-only here
     options = {"recycle_dropped": False} if method == "vflowopt" else {}
     sieve = Sieve(method, keep=0.5, window=6, options=options)
-    cache, _, extra = prefill_with_sieve(model, p, sieve, mode)
+    cache, _, extra = prefill_with_sieve(model, p, sieve, mode, CharTokenizer(), chat=False)
     head = c1 if mode == "query_agnostic" else T
     k = round(0.5 * head)
     more = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))

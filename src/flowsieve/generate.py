@@ -344,7 +344,7 @@ def generate(
         kept = stored_tokens(cache)
         extra: dict[str, Any] = {}
     else:
-        cache, logits, extra = prefill_with_sieve(model, prompt, sieve, mode)
+        cache, logits, extra = prefill_with_sieve(model, prompt, sieve, mode, tokenizer, chat)
         kv = kv_bytes(cache)
         kept = extra["kept_entries"]
         if sieve.site == "prefill":
@@ -434,11 +434,81 @@ def units_for(sieve: Any, prompt: Prompt) -> torch.Tensor | None:
     return prompt.sentence_units() if getattr(sieve, "units", "token") != "token" else None
 
 
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _turn_end(tokenizer: Any) -> list[int]:
+    """Token ids a chat template puts between a user message and the assistant's reply."""
+    mark = "\u2063flowsieve-mark\u2063"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True
+    )
+    return _encode_plain(tokenizer, text[text.index(mark) + len(mark) :])
+
+
+@torch.inference_mode()
+def replay_observe(
+    model: nn.Module,
+    tokenizer: Any,
+    cache: Any,
+    head: Sequence[int],
+    context: tuple[int, int],
+    sieve: Any,
+    chat: bool,
+) -> Any:
+    """Observe passes that replay the context on top of a prefilled cache (methods with
+    ``probe = "replay"``, e.g. KVzip), then remove every replay entry again.
+
+    Each pass feeds a request to repeat the context, the end of the user turn when the prompt is a
+    chat whose turn is still open, and the next ``chunk_size`` context tokens, teacher-forced. The
+    evictable layers are cropped back after each pass; the other layers (sliding windows) are
+    restored from a copy. Returns the :class:`~flowsieve.observe.Observer` (slot coordinates).
+
+    Args:
+        head: the prefilled token ids (T,); context: its context span [c0, c1).
+    """
+    from flowsieve.kvcache import _clone_layer
+    from flowsieve.observe import observe
+    from flowsieve.sieves.kvzip import FIRST_REQUEST, NEXT_REQUEST
+
+    if tokenizer is None:
+        raise FlowsieveError(f"method '{sieve.method}' replays the context and needs the tokenizer")
+    scorer = sieve.scorer
+    layers = cache.sieve_layers
+    others = [i for i in range(len(cache.layers)) if i not in layers]
+    saved = {i: _clone_layer(cache.layers[i]) for i in others}
+    end = _turn_end(tokenizer) if chat else []
+    if end and list(head[-len(end) :]) == end:
+        end = []  # the assistant turn is already open (query-aware prompt)
+    first, nxt = _encode_plain(tokenizer, FIRST_REQUEST), _encode_plain(tokenizer, NEXT_REQUEST)
+    c0, c1 = context
+    spec = scorer.probe_spec()
+    spec.slots = True
+    spec.layers = tuple(layers)
+    size = getattr(scorer, "chunk_size", c1 - c0) or (c1 - c0)
+    overlap = getattr(scorer, "overlap", 0)
+    with observe(model, spec) as obs:
+        for a in range(c0, c1, size):
+            b = min(a + size, c1)
+            req = first if a == c0 else nxt + list(head[max(c0, a - overlap) : a])
+            ids = req + end + list(head[a:b])
+            model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+            for i in layers:
+                cache.layer(i).crop(-len(ids))
+            for i in others:
+                cache.layers[i] = _clone_layer(saved[i])
+    return obs
+
+
 @torch.inference_mode()
 def prefill_with_sieve(
-    model: nn.Module, prompt: Prompt, sieve: Any, mode: str
+    model: nn.Module, prompt: Prompt, sieve: Any, mode: str, tokenizer: Any = None, chat: bool = True
 ) -> tuple[Any, torch.Tensor, dict]:
     """Prefill ``prompt`` into a :class:`~flowsieve.kvcache.SieveCache`, compressing it with ``sieve``.
+
+    ``tokenizer`` and ``chat`` (whether ``prompt`` uses the chat template) are needed by methods
+    that replay the context (KVzip, :func:`replay_observe`) and ignored otherwise.
 
     Returns (cache, logits of the last prompt position (1, 1, V), extra measurements).
     """
@@ -479,6 +549,11 @@ def prefill_with_sieve(
     score_s = 0.0
     peak_entries = 0
     kept = T
+    replay = getattr(sieve.scorer, "probe", None) == "replay"
+    if replay and sieve.chunk is not None:
+        raise FlowsieveError(f"method '{sieve.method}' replays the whole context; it has no chunked prefill")
+    if replay and sieve.site != "prefill":
+        raise FlowsieveError(f"method '{sieve.method}' runs at the prefill site only")
     for a in range(0, T, size):
         b = min(a + size, T)
         win = tuple(range(max(0, b - w), b))
@@ -492,6 +567,8 @@ def prefill_with_sieve(
             prot = protect[:b].clone()
             prot[win[0] : b] = True
             ts = time.perf_counter()
+            if replay:
+                obs = replay_observe(model, tokenizer, cache, head, (c0, min(c1, T)), sieve, chat)
             kept = sieve.compress(obs, cache, prot, win, k=min(k, b), units=units)
             score_s += time.perf_counter() - ts
     t1 = time.perf_counter()
@@ -572,6 +649,8 @@ def generate_many(
     for s in sieves:
         if s.site != "prefill" or s.chunk is not None:
             raise FlowsieveError("generate_many shares unchunked prefill-site passes only; use generate()")
+        if getattr(s.scorer, "probe", None) is not None:
+            raise FlowsieveError(f"method '{s.method}' scores from its own replay passes; use generate()")
     if len({s.window for s in sieves}) > 1:
         raise FlowsieveError("generate_many needs sieves with the same observation window")
     prompt = _checked_prompt(model, tokenizer, context, question, chat, instruction, mode, max_new_tokens)

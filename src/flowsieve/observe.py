@@ -7,7 +7,8 @@ is active, records per layer what scorers ask for:
 
 - attention rows of chosen query positions (last token, a window, the question span, CLS);
 - attention received by every key, summed over all queries, computed query chunk by query chunk
-  so that no ``T x T`` matrix is ever held (H2O's accumulated attention);
+  so that no ``T x T`` matrix is ever held (H2O's accumulated attention), or its maximum over
+  queries (KVzip's reconstruction score);
 - per-head statistics: mass on the first token, normalised row entropy, output norm (for sink and
   dormant-head detection);
 - key and value norms, and the value-value "semantic" rows FlowCut needs;
@@ -20,7 +21,8 @@ attention itself; they stay in the cache).
 
 Shapes: B batch, H query heads, Hk key/value heads, g = H / Hk, q new tokens, L keys (cache + new).
 
-When a signal that needs every query row is requested (``received`` or ``head_stats``), the output
+When a signal that needs every query row is requested (``received``, ``received_max`` or
+``head_stats``), the output
 is computed in the same chunked pass from the same probabilities (``softmax(q k^T) v``, fp32
 softmax), so the attention is not computed twice; it matches stock SDPA to float tolerance
 (tested to 1e-5). Otherwise the stock SDPA function produces the output.
@@ -71,6 +73,8 @@ class ObserveSpec:
         rows: absolute query positions whose attention rows (and value-value rows) are recorded.
             Negative numbers count from the end of the *first* forward pass (``-1`` = its last token).
         received: sum of attention received per key over all queries (chunked).
+        received_max: highest attention any query of the pass gave each key, per head (chunked;
+            KVzip's reconstruction score).
         head_stats: per-head first-token mass and output norm (all rows) and normalised row
             entropy (every ``entropy_stride``-th row of each chunk).
         norms: L2 norms of keys and values per KV head.
@@ -95,6 +99,7 @@ class ObserveSpec:
 
     rows: Sequence[int] = ()
     received: bool = False
+    received_max: bool = False
     head_stats: bool = False
     norms: bool = False
     transitions: bool = False
@@ -121,7 +126,7 @@ class ObserveSpec:
 
     @property
     def needs_all_rows(self) -> bool:
-        return self.received or self.head_stats
+        return self.received or self.received_max or self.head_stats
 
 
 @dataclass
@@ -132,6 +137,7 @@ class LayerObs:
         rows: position -> attention probabilities of that query, (B, H, L).
         vv_rows: position -> softmax over keys of (value of that query) . (values), per KV head, (B, Hk, L).
         received: attention received per key, summed over queries, (B, H, L).
+        received_max: attention received per key, maximum over queries, (B, H, L).
         visible: number of scanned queries that could see each key, (B, L).
         visible_all: number of all queries that could see each key, (B, L) (= visible when exact).
         first_mass: per-head sum over scanned query rows, (B, H); divide by ``n_prob_rows``.
@@ -145,6 +151,7 @@ class LayerObs:
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     vv_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     received: torch.Tensor | None = None
+    received_max: torch.Tensor | None = None
     visible: torch.Tensor | None = None
     first_mass: torch.Tensor | None = None
     row_entropy: torch.Tensor | None = None
@@ -172,6 +179,17 @@ def _add_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0, s
         pad = new.new_zeros((*acc.shape[:-1], max(end, size) - acc.shape[-1]))
         acc = torch.cat([acc, pad], dim=-1)
     acc[..., offset:end] += new
+    return acc
+
+
+def _max_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """acc[..., offset:offset+n] = max(acc, new), growing ``acc`` (zeros) along the last dim."""
+    end = offset + new.shape[-1]
+    if acc is None:
+        acc = new.new_zeros((*new.shape[:-1], end))
+    elif acc.shape[-1] < end:
+        acc = torch.cat([acc, new.new_zeros((*acc.shape[:-1], end - acc.shape[-1]))], dim=-1)
+    torch.maximum(acc[..., offset:end], new, out=acc[..., offset:end])
     return acc
 
 
@@ -349,6 +367,7 @@ def _attention(
                 kind, mask, n = _mask_chunk(attention_mask, causal, q, L, a, b)
                 vis = _visibility(attention_mask, causal, q, L, a, b, query.device)
                 colsum = torch.empty(B, H, n, device=query.device)
+                colmax = torch.empty(B, H, n, device=query.device) if spec.received_max else None
                 first = torch.empty(B, H, device=query.device)
                 ent = torch.empty(B, H, device=query.device)
                 for h in range(Hk):
@@ -357,12 +376,16 @@ def _attention(
                     o = probs.reshape(B, g * c, n) @ val[:, h, :n]  # (B, g*c, d)
                     out[:, a:b, hs] = o.view(B, g, c, -1).transpose(1, 2).to(out.dtype)
                     colsum[:, hs], first[:, hs], ent[:, hs], n_ent = _summaries(probs, vis[0], spec)
+                    if colmax is not None:
+                        colmax[:, hs] = probs.amax(-2)
                     for p in rows:
                         if seen + a <= p < seen + b:
                             acc.rows.setdefault(p, torch.empty(B, H, n, device=query.device))[:, hs] = probs[
                                 :, :, p - seen - a
                             ]
                 _fold(acc, spec, colsum, first, ent, c, n_ent, vis[1], pk, pt)
+                if colmax is not None:
+                    acc.received_max = _max_growing(acc.received_max, colmax, pk)
                 for p in rows:
                     if seen + a <= p < seen + b:
                         acc.rows[p] = _absolute(acc.rows[p], pk, pt)
@@ -508,6 +531,8 @@ def _scan_parallel(
             part = getattr(acc, name)
             if part is not None:
                 setattr(rec, name, _add_growing(getattr(rec, name), part))
+        if acc.received_max is not None:
+            rec.received_max = _max_growing(rec.received_max, acc.received_max)
 
 
 def _absolute(x: torch.Tensor, koff: int, total: int) -> torch.Tensor:
@@ -677,6 +702,8 @@ def _accumulate(
     """Fold one chunk of probabilities (B, H, c, n) into the running per-layer statistics."""
     colsum, first, ent, n_ent = _summaries(probs, vis[0], spec)
     _fold(rec, spec, colsum, first, ent, probs.shape[2], n_ent, vis[1], koff, total)
+    if spec.received_max:
+        rec.received_max = _max_growing(rec.received_max, probs.amax(-2), koff)
 
 
 # --------------------------------------------------------------------------------- transitions (TTV)

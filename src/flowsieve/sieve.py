@@ -237,6 +237,11 @@ class Sieve:
             raise FlowsieveError(
                 f"Sieve.on supports the prefill, decode, select and layer sites, not '{site}'"
             )
+        if getattr(self.scorer, "probe", None) is not None:
+            raise FlowsieveError(
+                f"method '{self.method}' scores by replaying the context, which needs the tokenizer: "
+                "use flowsieve.generate.generate (or prefill_with_sieve), not Sieve.on"
+            )
         if site not in self.scorer.sites:
             raise FlowsieveError(
                 f"method '{self.method}' does not support site '{site}' (it supports: {', '.join(self.scorer.sites)})"

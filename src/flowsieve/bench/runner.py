@@ -799,7 +799,11 @@ def execute(
 
 def _shareable(job: Job) -> bool:
     c = job.cell
-    return c.system == "flowsieve" and not c.is_full and c.site == "prefill" and not job.task.teacher_forced
+    if c.system != "flowsieve" or c.is_full or c.site != "prefill" or job.task.teacher_forced:
+        return False
+    from flowsieve.sieves import METHODS
+
+    return getattr(METHODS.get(parse_method(c.method)[0]), "probe", None) is None  # replays: own passes
 
 
 def _share_groups(jobs: list[Job]) -> list[list[Job]]:
@@ -962,7 +966,7 @@ def run_lm(
             extra: dict[str, Any] = {}
             kept = _gen.stored_tokens(cache)
         else:
-            cache, logits, extra = _gen.prefill_with_sieve(model, prompt, sieve, mode)
+            cache, logits, extra = _gen.prefill_with_sieve(model, prompt, sieve, mode, tok, chat=False)
             kept = extra["kept_entries"]
             protect = extra.pop("protect_mask", None)
             runtimes = [r for r in (extra.pop("select_runtime", None), extra.pop("layer_runtime", None)) if r]

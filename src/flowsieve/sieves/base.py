@@ -46,12 +46,17 @@ class KVScorer:
         sites: the sites the method supports.
         needs: which observations it uses (fields of :class:`ObserveSpec`: "rows", "received",
             "norms", "transitions").
+        probe: where the observations come from: None (the prefill pass) or ``"replay"`` (passes
+            that replay the context after the prefill; :meth:`probe_spec` says what they record).
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("prefill",)
     needs: ClassVar[tuple[str, ...]] = ()
+    # None: scored from the prefill pass itself. "replay": scored from extra passes that replay the
+    # context after a request to repeat it (KVzip); see :func:`flowsieve.generate.replay_observe`
+    probe: ClassVar[str | None] = None
 
     def spec(self, window: tuple[int, ...]) -> ObserveSpec:
         """The observation this scorer needs during prefill."""
@@ -61,6 +66,10 @@ class KVScorer:
             norms="norms" in self.needs,
             transitions="transitions" in self.needs,
         )
+
+    def probe_spec(self) -> ObserveSpec:
+        """What the replay passes record (methods with ``probe = "replay"`` only)."""
+        raise NotImplementedError
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         """Scores for one layer: (B, Hk, T) per KV head, or (B, T) shared by all heads."""
