@@ -309,6 +309,34 @@ def test_selfinfo_budget_controller_drops_paragraphs(llama):
     assert abs(r.ratio - 0.2) <= 0.03
 
 
+def test_selfinfo_keep_tail_keeps_the_last_partial_window_whole(llama):
+    """keep_tail: the ``len % window`` last tokens the ITPC sees are all kept (upstream's loop never
+    compresses them); the ratio still meets the budget. Off: that tail is compressed like the rest."""
+    model, tok = llama
+    from flowsieve.prompt.selfinfo import SelfInfo
+
+    doc = build_doc(tok, TEXT, None, 0.33)
+    on = SelfInfo(window=64, keep_tail=True, context_filter=False).score(doc, model)
+    off = SelfInfo(window=64, keep_tail=False, context_filter=False).score(doc, model)
+    tail = doc.n_context % 64
+    assert tail > 0
+    assert (on.tier[-tail:] == 3).all() and (on.tier[:-tail] < 3).all()
+    assert (off.tier < 3).all() and (off.tier[-tail:] == 1).any()  # the rule rejects some of it
+    r = compress_prompt(
+        TEXT,
+        scorer="selfinfo",
+        keep=0.33,
+        model=model,
+        tokenizer=tok,
+        window=64,
+        keep_tail=True,
+        context_filter=False,
+        force_tokens=(),
+    )
+    assert abs(r.ratio - 0.33) <= 0.03
+    assert r.kept_mask[doc.n_context - tail : doc.n_context].all()
+
+
 # ---------------------------------------------------------------------------------------------- flow
 
 

@@ -24,7 +24,10 @@ Deviations, all stated:
   ``gamma`` window after window); the budget is then met exactly by the common selection: tokens
   the rule kept come first, then the rule's rejects by NLL, then the dropped paragraphs;
 - past the model's context the oldest kept tokens (after the first 10) are dropped and the cache is
-  recomputed at contiguous positions, instead of slicing the rotated keys.
+  recomputed at contiguous positions, instead of slicing the rotated keys;
+- upstream's window loop runs while a whole window fits, so the last partial window (fewer than
+  200 tokens at the end of the text) is never compressed; here every window is compressed (the
+  paper's rule) unless ``keep_tail=True``, which keeps that tail whole as upstream does.
 """
 
 from __future__ import annotations
@@ -64,12 +67,15 @@ class SelfInfo(PromptScorer):
         slack: tokens the controller adds to the budget (``+100``).
         keep_first: tokens kept at the start when the compressed prefix outgrows the model's context
             (``cache_bos_num``, 10).
+        keep_tail: keep the last partial window (the ``len % window`` last tokens the ITPC sees)
+            whole, as upstream's loop leaves it uncompressed (off: the paper's rule).
     """
 
     window: int = 200
     context_filter: bool = True
     slack: int = 100
     keep_first: int = 10
+    keep_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -141,6 +147,9 @@ class SelfInfo(PromptScorer):
             prefix_scores = torch.cat([prefix_scores, s[keep]])
             scores[idx] = s
             tier[idx] = 1 + keep.long()  # 2: kept by the threshold rule, 1: rejected by it
+        tail = len(seq) % self.window if self.keep_tail else 0
+        if tail:
+            tier[seq[-tail:]] = 3  # 3: upstream's uncompressed last window
         return Scores(
             priority=scores,
             tier=tier,
