@@ -550,8 +550,6 @@ def prefill_with_sieve(
     peak_entries = 0
     kept = T
     replay = getattr(sieve.scorer, "probe", None) == "replay"
-    if replay and sieve.chunk is not None:
-        raise FlowsieveError(f"method '{sieve.method}' replays the whole context; it has no chunked prefill")
     if replay and sieve.site != "prefill":
         raise FlowsieveError(f"method '{sieve.method}' runs at the prefill site only")
     for a in range(0, T, size):

@@ -12,7 +12,9 @@ is active, records per layer what scorers ask for:
 - per-head statistics: mass on the first token, normalised row entropy, output norm (for sink and
   dormant-head detection);
 - key and value norms, and the value-value "semantic" rows FlowCut needs;
-- hidden-state transitions of the attention and MLP blocks (TransPrune's TTV), through forward hooks.
+- hidden-state transitions of the attention and MLP blocks (TransPrune's TTV), through forward hooks;
+- the surprisal of every token, -log p(token | prefix), from the model's own output head applied to
+  the final hidden states (self-information, as LLMLingua and Selective Context score text).
 
 The same function is also the seam of the ``select`` site: inside :func:`select_keys` it asks a
 key selector, per layer and per call, which cached entries the call's queries attend to, gathers
@@ -79,6 +81,8 @@ class ObserveSpec:
             entropy (every ``entropy_stride``-th row of each chunk).
         norms: L2 norms of keys and values per KV head.
         transitions: TTV inputs (norm ratio and cosine distance of attention/MLP blocks).
+        surprisal: -log p(token | prefix) of every token, by absolute position (the first token of
+            the first pass gets 0: nothing predicts it). Costs one output-head product per token.
         layers: restrict to these layer indices (None = all).
         row_stride: 1 scans every query row (exact). k > 1 scans every k-th chunk of query rows (and
             the last chunk) for
@@ -103,6 +107,7 @@ class ObserveSpec:
     head_stats: bool = False
     norms: bool = False
     transitions: bool = False
+    surprisal: bool = False
     layers: Sequence[int] | None = None
     chunk: int | None = None
     entropy_stride: int = 8
@@ -146,6 +151,7 @@ class LayerObs:
         key_norm / value_norm: (B, Hk, L) for the keys present at the last call.
         value_l1: L1 norm of the head-mean value vector per key, (B, L) (FlowCut's weighting).
         ttv: per-block (``"attn"``, ``"mlp"``) lists of (norm ratio, cosine distance), each (B, T).
+        token_nll: surprisal of every token so far, (B, T) by absolute position (shared by all layers).
     """
 
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -164,6 +170,7 @@ class LayerObs:
     value_norm: torch.Tensor | None = None
     value_l1: torch.Tensor | None = None
     ttv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    token_nll: torch.Tensor | None = None
 
 
 def _add_growing(acc: torch.Tensor | None, new: torch.Tensor, offset: int = 0, size: int = 0) -> torch.Tensor:
@@ -205,6 +212,8 @@ class Observer:
         self._first_len: int | None = None  # tokens after the first forward (resolves negative rows)
         self._seen: dict[int, int] = {}  # layer -> tokens already in its cache when the call started
         self.on_layer: Callable[[int], None] | None = None
+        self.token_nll: torch.Tensor | None = None  # (B, tokens seen) surprisal, when observed
+        self._last_logprobs: torch.Tensor | None = None  # (B, V) of the last position so far
 
     def layer(self, idx: int) -> LayerObs:
         if idx not in self.layers:
@@ -740,6 +749,49 @@ def _transition_hooks(obs: Observer) -> list[Any]:
     return handles
 
 
+def _surprisal_hooks(obs: Observer, rows: int = 256) -> list[Any]:
+    """Score every token's surprisal from the decoder's final hidden states and the output head
+    (``rows`` positions at a time, so the (rows, vocab) log-probabilities stay small). A token that
+    opens a later forward (a chunk or a continuation) is scored from the previous forward's last
+    position."""
+    model = obs.model
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        raise FlowsieveError(
+            f"surprisal needs a causal LM with an output head; {type(model).__name__} has none"
+        )
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise FlowsieveError("surprisal needs input_ids (not inputs_embeds)")
+        h = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (B, q, d)
+        B, q = ids.shape
+        nll = torch.zeros(B, q)
+        if obs._last_logprobs is not None:
+            nll[:, 0] = -obs._last_logprobs.gather(1, ids[:, :1].cpu())[:, 0]
+        for a in range(0, q, rows):
+            b = min(a + rows, q)
+            logits = head(h[:, a:b]).float()
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            lp = torch.log_softmax(logits, dim=-1).cpu()  # (B, c, V): positions a..b-1
+            nxt = ids[:, a + 1 : b + 1].cpu()  # the tokens they predict
+            n = nxt.shape[1]
+            nll[:, a + 1 : a + 1 + n] = -lp[:, :n].gather(-1, nxt[..., None])[..., 0]
+            if b == q:
+                obs._last_logprobs = lp[:, -1]
+        obs.token_nll = nll if obs.token_nll is None else torch.cat([obs.token_nll, nll], dim=1)
+        for i in range(len(obs.attn_modules)):
+            if obs.wants(i):
+                obs.layer(i).token_nll = obs.token_nll
+
+    return [base.register_forward_hook(hook, with_kwargs=True)]
+
+
 def _offset_hooks(obs: Observer) -> list[Any]:
     """Record, before each attention call, how many tokens its cache layer already holds."""
 
@@ -765,6 +817,8 @@ def observe(model: nn.Module, spec: ObserveSpec) -> Iterator[Observer]:
     obs = Observer(model, spec)
     previous = model.config._attn_implementation
     handles = _offset_hooks(obs) + (_transition_hooks(obs) if spec.transitions else [])
+    if spec.surprisal:
+        handles += _surprisal_hooks(obs)
     token = _ACTIVE.set(obs)
     try:
         model.set_attn_implementation(ATTN_NAME)

@@ -88,6 +88,10 @@ class Sieve:
             raise FlowsieveError(f"window must be >= 1, got {self.window}")
         if self.chunk is not None and self.chunk < self.window:
             raise FlowsieveError(f"chunk ({self.chunk}) must be at least the window ({self.window})")
+        if self.chunk is not None and not cls.chunkable:
+            raise FlowsieveError(
+                f"method '{self.method}' scores the whole prompt at once; it has no chunked prefill"
+            )
         if self.chunk is not None and getattr(cls, "per_layer_budgets", False):
             raise FlowsieveError(
                 f"method '{self.method}' gives layers different budgets; chunked prefill needs equal ones"
@@ -193,7 +197,10 @@ class Sieve:
                     "units='sentence' needs the prompt's sentence map: run it through flowsieve.generate"
                 )
             # whole sentences are ranked for selection; a recycling method still weighs by entry
-            ranked = {i: unit_pool(scores[i], units[cache.layer(i).positions]) for i in layers}
+            ranked = {
+                i: unit_pool(scores[i], units[cache.layer(i).positions], self.scorer.unit_reduce)
+                for i in layers
+            }
         else:
             ranked = scores
         plan = self.scorer.budgets(k, n_protected, T, layers)

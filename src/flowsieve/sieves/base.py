@@ -45,7 +45,10 @@ class KVScorer:
         name: registry name. paper: citation shown by ``flowsieve ls``.
         sites: the sites the method supports.
         needs: which observations it uses (fields of :class:`ObserveSpec`: "rows", "received",
-            "norms", "transitions").
+            "norms", "transitions", "surprisal").
+        unit_reduce: how a sentence's entry scores make its rank under ``units="sentence"``:
+            ``"max"`` (its best entry) or ``"mean"`` (e.g. a sentence's mean surprisal).
+        chunkable: False when the method cannot score a chunked prefill chunk by chunk.
         probe: where the observations come from: None (the prefill pass) or ``"replay"`` (passes
             that replay the context after the prefill; :meth:`probe_spec` says what they record).
     """
@@ -57,6 +60,10 @@ class KVScorer:
     # None: scored from the prefill pass itself. "replay": scored from extra passes that replay the
     # context after a request to repeat it (KVzip); see :func:`flowsieve.generate.replay_observe`
     probe: ClassVar[str | None] = None
+    # how ``units="sentence"`` ranks a sentence from its entries' scores: "max" or "mean"
+    unit_reduce: ClassVar[str] = "max"
+    # whether the method can score each chunk of a chunked prefill on its own
+    chunkable: ClassVar[bool] = True
 
     def spec(self, window: tuple[int, ...]) -> ObserveSpec:
         """The observation this scorer needs during prefill."""
@@ -65,6 +72,7 @@ class KVScorer:
             received="received" in self.needs,
             norms="norms" in self.needs,
             transitions="transitions" in self.needs,
+            surprisal="surprisal" in self.needs,
         )
 
     def probe_spec(self) -> ObserveSpec:
@@ -126,9 +134,10 @@ def gqa_mean(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     return x.view(B, n_kv_heads, H // n_kv_heads, T).mean(2)
 
 
-def unit_pool(scores: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """Rank whole units (sentences) by their best entry: every entry of a unit whose best score is
-    higher comes first; inside a unit, entries keep their own order.
+def unit_pool(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """Rank whole units (sentences) by their best entry (``reduce="max"``) or the mean of their
+    finite entries (``"mean"``): every entry of a unit that ranks higher comes first; inside a unit,
+    entries keep their own order.
 
     Args:
         scores: (1, T) or (1, Hk|1, T) entry scores (higher = keep; -inf allowed).
@@ -151,7 +160,17 @@ def unit_pool(scores: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         ids, inv = torch.unique(ur, return_inverse=True)
         finite = torch.isfinite(row)
         clean = torch.where(finite, row, torch.full_like(row, float("-inf")))
-        best = torch.full((len(ids),), float("-inf")).scatter_reduce(0, inv, clean, "amax", include_self=True)
+        if reduce == "mean":
+            zero = torch.where(finite, row, torch.zeros_like(row))
+            tot = torch.zeros(len(ids)).scatter_add(0, inv, zero)
+            cnt = torch.zeros(len(ids)).scatter_add(0, inv, finite.float())
+            best = torch.where(cnt > 0, tot / cnt.clamp(min=1), torch.full_like(tot, float("-inf")))
+        elif reduce == "max":
+            best = torch.full((len(ids),), float("-inf")).scatter_reduce(
+                0, inv, clean, "amax", include_self=True
+            )
+        else:
+            raise FlowsieveError(f"unit reduce must be 'max' or 'mean', got '{reduce}'")
         rank = torch.empty(len(ids), dtype=torch.float32)
         rank[torch.argsort(best, descending=True, stable=True)] = torch.arange(len(ids), dtype=torch.float32)
         lo = row[finite].min() if finite.any() else torch.tensor(0.0)

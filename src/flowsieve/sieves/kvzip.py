@@ -41,6 +41,7 @@ class KVzipScorer(KVScorer):
         "Kim et al. 2025, KVzip: query-agnostic KV compression with context reconstruction, arXiv 2505.23416"
     )
     probe = "replay"
+    chunkable = False
     chunk_size: int = 2048
     n_sink: int = 4
     overlap: int = 8
