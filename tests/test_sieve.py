@@ -167,8 +167,12 @@ def test_budget_errors(tiny_causal):
 
 def test_every_method_is_listed_with_a_paper():
     rows = list_methods()
-    assert {r["name"] for r in rows} == set(METHODS)
+    from flowsieve.prompt.base import SCORERS
+
+    assert {r["name"] for r in rows} == set(METHODS) | set(SCORERS)
     assert all(r["paper"] and r["sites"] for r in rows)
+    by = {r["name"]: r for r in rows}
+    assert "prompt" in by["longllmlingua"]["sites"] and by["selfinfo"]["sites"] == ["prefill", "prompt"]
 
 
 @pytest.mark.parametrize("method", ["snapkv", "flowcut", "recent"])

@@ -357,5 +357,16 @@ def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Te
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """name, sites and paper of every registered method."""
-    return [{"name": n, "sites": list(c.sites), "paper": c.paper} for n, c in METHODS.items()]
+    """name, sites and paper of every registered method: KV and layer methods and prompt scorers
+    (site ``prompt``); a name registered in both lists all its sites and both citations."""
+    from flowsieve.prompt.base import SCORERS
+
+    rows = {n: {"name": n, "sites": list(c.sites), "paper": c.paper} for n, c in METHODS.items()}
+    for n, c in SCORERS.items():
+        if n in rows:
+            rows[n]["sites"].append("prompt")
+            if c.paper and c.paper.split()[-1] not in rows[n]["paper"]:  # another paper
+                rows[n]["paper"] += f"; prompt: {c.paper}"
+        else:
+            rows[n] = {"name": n, "sites": ["prompt"], "paper": c.paper}
+    return [rows[n] for n in sorted(rows)]

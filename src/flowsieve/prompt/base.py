@@ -363,9 +363,11 @@ class PromptScorer:
             a word's priority is the mean of its tokens', its tier the highest of its tokens').
         needs_model: whether :meth:`score` uses the causal LM passed to ``compress_prompt``.
         needs_question: whether a question is required.
+        paper: citation shown by ``flowsieve ls``.
     """
 
     name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     level: ClassVar[str] = "token"
     needs_model: ClassVar[bool] = True
     needs_question: ClassVar[bool] = False

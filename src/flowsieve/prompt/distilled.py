@@ -240,6 +240,8 @@ class Distilled(PromptScorer):
         encoder_model, encoder_tokenizer, head_module: objects to use instead of loading (tests).
     """
 
+    paper = "Pan et al. 2024, LLMLingua-2 (recipe, local labels), arXiv 2403.12968"
+
     level = "word"
     needs_model = False
     head: str | None = None

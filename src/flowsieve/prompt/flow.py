@@ -73,6 +73,8 @@ class Flow(PromptScorer):
         weight: FlowCut's EMA weight.
     """
 
+    paper = "Tong et al. 2025, FlowCut (flow score), arXiv 2505.19536"
+
     level = "word"
     layer: int = -1
     accumulate: bool = True

@@ -92,6 +92,8 @@ class LexRank(PromptScorer):
         max_iter: power-iteration limit.
     """
 
+    paper = "Erkan & Radev 2004, LexRank, JAIR 22"
+
     level = "word"
     needs_model = False
     threshold: float = 0.1

@@ -135,6 +135,8 @@ class LongLLMLingua(SelfInfo):
             LongLLMLingua recipe; 0 gives one share for all kept segments), in [0, 1].
     """
 
+    paper = "Jiang et al. 2024, LongLLMLingua, arXiv 2310.06839"
+
     needs_question = True
     segment_tokens: int = 100
     dynamic_ratio: float = 0.3

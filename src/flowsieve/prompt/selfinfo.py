@@ -71,6 +71,7 @@ class SelfInfo(PromptScorer):
             whole, as upstream's loop leaves it uncompressed (off: the paper's rule).
     """
 
+    paper = "Jiang et al. 2023, LLMLingua, arXiv 2310.05736"
     window: int = 200
     context_filter: bool = True
     slack: int = 100
