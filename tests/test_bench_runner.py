@@ -304,11 +304,12 @@ def test_real_sieve_on_a_tiny_model(tmp_path):
 
 
 def test_shared_prefill_sweep_writes_the_same_rows(tmp_path):
-    """--share-prefill: one observed prefill per item and mode, same predictions and kept counts."""
+    """--share-prefill: one observed prefill per item and mode, same predictions and kept counts;
+    a method that replays the context (kvzip) runs on its own."""
     model, tok = tiny_loader("tiny")
     base = dict(
         model="tiny",
-        methods=["full", "snapkv", "h2o", "streamingllm"],
+        methods=["full", "snapkv", "h2o", "streamingllm", "selfinfo", "kvzip"],
         keeps=[0.5, 0.25],
         tasks=["needle"],
         lengths=[300],
@@ -323,7 +324,7 @@ def test_shared_prefill_sweep_writes_the_same_rows(tmp_path):
             s = run_sweep(
                 SweepConfig(**base, share_prefill=share), store, model=model, tokenizer=tok, progress=False
             )
-            assert (s.planned, s.written, s.failed) == (28, 28, 0), store.failures()
+            assert (s.planned, s.written, s.failed) == (44, 44, 0), store.failures()
             out[share] = {
                 (r["method"], r["keep"], r["mode"], r["item_id"]): (
                     r["prediction"],
@@ -333,7 +334,10 @@ def test_shared_prefill_sweep_writes_the_same_rows(tmp_path):
                 for r in store.rows()
             }
             shared = [r for r in store.rows() if (r["extra"] or {}).get("shared_prefill")]
-            assert len(shared) == (24 if share else 0)
+            assert len(shared) == (32 if share else 0)
+            assert not any(
+                (r["extra"] or {}).get("shared_prefill") for r in store.rows() if r["method"] == "kvzip"
+            )
     assert out[True] == out[False]
 
 
