@@ -62,7 +62,10 @@ def child(job: str, a: argparse.Namespace) -> dict:
 
             method, _, chunk = job.partition("#")
             name, options = parse_method(method)
-            sieve = Sieve(name, keep=a.keep, chunk=int(chunk) if chunk else None, options=options)
+            units = options.pop("units", "token")  # a Sieve setting, not a scorer option
+            sieve = Sieve(
+                name, keep=a.keep, chunk=int(chunk) if chunk else None, options=options, units=units
+            )
             cache, logits, _ = prefill_with_sieve(model, prompt, sieve, "query_aware", tok, chat)
         prefill_s = time.perf_counter() - t0
         prefill_peak = rss.stop()
