@@ -552,6 +552,12 @@ def prefill_with_sieve(
     replay = getattr(sieve.scorer, "probe", None) == "replay"
     if replay and sieve.site != "prefill":
         raise FlowsieveError(f"method '{sieve.method}' runs at the prefill site only")
+    if getattr(sieve, "refeed", False):
+        if mode != "query_aware" or prompt.question is None or prompt.split >= T:
+            raise FlowsieveError("refeed needs a question, in query-aware mode")
+        if replay:
+            raise FlowsieveError(f"method '{sieve.method}' replays the context; it does not refeed")
+        return _prefill_refeed(model, prompt, sieve, protect, w, k, units)
     for a in range(0, T, size):
         b = min(a + size, T)
         win = tuple(range(max(0, b - w), b))
@@ -581,6 +587,63 @@ def prefill_with_sieve(
         "peak_entries": peak_entries,
         "chunk": sieve.chunk,
         "protect_mask": torch.cat([protect, torch.ones(len(tail), dtype=torch.bool)]),
+    }
+    return cache, logits, extra
+
+
+def _snapshot_others(cache: Any) -> dict[int, Any]:
+    """Copies of the layers that cannot evict (sliding windows), to restore after a crop."""
+    from flowsieve.kvcache import _clone_layer
+
+    return {i: _clone_layer(layer) for i, layer in enumerate(cache.layers) if i not in cache.sieve_layers}
+
+
+def _requery(model: nn.Module, cache: Any, question: list[int], others: dict[int, Any]) -> torch.Tensor:
+    """Drop the question's entries from a compressed cache (they are protected, so still the last
+    ones stored), restore the non-evicting layers to their state before the question, and feed the
+    question again; returns its last logits (1, 1, V)."""
+    from flowsieve.kvcache import _clone_layer
+
+    for i in cache.sieve_layers:
+        cache.layer(i).crop(-len(question))
+    for i, layer in others.items():
+        cache.layers[i] = _clone_layer(layer)
+    return append_tokens(model, cache, question)
+
+
+def _prefill_refeed(
+    model: nn.Module, prompt: Prompt, sieve: Any, protect: torch.Tensor, w: int, k: int, units: Any
+) -> tuple[Any, torch.Tensor, dict]:
+    """Query-aware prefill with ``sieve.refeed``: context, then question, observed as one prefill;
+    compress; then the question again over the compressed cache (:func:`_requery`)."""
+    from flowsieve.kvcache import SieveCache
+    from flowsieve.observe import observe
+
+    ids = list(prompt.ids)
+    T, s = len(ids), prompt.split
+    win = tuple(range(T - w, T))
+    cache = SieveCache(model)
+    t0 = time.perf_counter()
+    with observe(model, sieve.observe_spec(win, cache.sieve_layers)) as obs:
+        model(input_ids=torch.tensor([ids[:s]]), cache=cache, use_cache=True, logits_to_keep=1)
+        others = _snapshot_others(cache)
+        model(input_ids=torch.tensor([ids[s:]]), cache=cache, use_cache=True, logits_to_keep=1)
+    obs.pad_rows(T)
+    peak_entries = max(cache.stored_lengths())
+    ts = time.perf_counter()
+    kept = sieve.compress(obs, cache, protect, win, k=k, units=units)
+    score_s = time.perf_counter() - ts
+    logits = _requery(model, cache, ids[s:], others)
+    extra = {
+        "kept_entries": kept,
+        "compressed_tokens": T,
+        "protected": int(protect.sum()),
+        "prefill_forward_s": round(time.perf_counter() - t0 - score_s, 4),
+        "score_s": round(score_s, 4),
+        "peak_entries": peak_entries,
+        "chunk": None,
+        "refeed_tokens": T - s,
+        "protect_mask": protect,
     }
     return cache, logits, extra
 
@@ -683,10 +746,30 @@ def generate_many(
         spec = merge_specs([sieves[j].observe_spec(win, layers) for j in members])
         base = SieveCache(model)
         t0 = time.perf_counter()
+        refeed = any(getattr(sieves[j], "refeed", False) for j in members)
+        if refeed and (mode != "query_aware" or prompt.question is None or prompt.split >= T):
+            raise FlowsieveError("refeed needs a question, in query-aware mode")
+        others: dict[int, Any] = {}
         with torch.inference_mode(), observe(model, spec) as obs:
-            logits0 = model(
-                input_ids=torch.tensor([head]), cache=base, use_cache=True, logits_to_keep=1
-            ).logits
+            if refeed:  # context, then question: the non-evicting layers are saved in between
+                model(
+                    input_ids=torch.tensor([head[: prompt.split]]),
+                    cache=base,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                others = _snapshot_others(base)
+                logits0 = model(
+                    input_ids=torch.tensor([head[prompt.split :]]),
+                    cache=base,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits
+                obs.pad_rows(T)
+            else:
+                logits0 = model(
+                    input_ids=torch.tensor([head]), cache=base, use_cache=True, logits_to_keep=1
+                ).logits
         shared_s = time.perf_counter() - t0
         for j in members:
             sieve = sieves[j]
@@ -697,6 +780,8 @@ def generate_many(
                 units = units_for(sieve, prompt)
                 kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T), units=units)
                 logits = append_tokens(model, cache, tail) if tail else logits0
+                if getattr(sieve, "refeed", False):
+                    logits = _requery(model, cache, head[prompt.split :], others)
             own_s = time.perf_counter() - t1
             kv = kv_bytes(cache)
             new, dec_s = decode_greedy(model, cache, logits, max_new_tokens, eos)

@@ -223,6 +223,16 @@ class Observer:
     def wants(self, idx: int) -> bool:
         return self.spec.layers is None or idx in self.spec.layers
 
+    def pad_rows(self, total: int) -> None:
+        """Zero-extend recorded attention rows to ``total`` keys: a row recorded in an earlier
+        forward of the same observation (e.g. a context, then its question) saw fewer keys, and
+        cannot attend to the later ones."""
+        for rec in self.layers.values():
+            for rows in (rec.rows, rec.vv_rows):
+                for p, r in rows.items():
+                    if r.shape[-1] < total:
+                        rows[p] = torch.nn.functional.pad(r, (0, total - r.shape[-1]))
+
     def row_positions(self, total: int) -> list[int]:
         if self._first_len is None:
             self._first_len = total

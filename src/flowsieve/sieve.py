@@ -50,6 +50,11 @@ class Sieve:
             stays exact); needs the prompt's sentence map, which :func:`flowsieve.generate.generate`
             and :func:`~flowsieve.generate.generate_many` provide. A project extension (whole-segment
             selection as in LongLLMLingua's coarse stage), not part of any KV paper.
+        refeed: query-aware prefill only: score with the question in the prompt as usual, then drop
+            the question's own entries and feed it again on top of the compressed cache, so that the
+            question's keys and values are computed over the context the answer will see (instead of
+            over the full context). Costs one more forward of the question tokens. A project
+            extension, off by default (the papers keep the question's prefill entries).
     """
 
     method: str
@@ -61,6 +66,7 @@ class Sieve:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     units: str = "token"
+    refeed: bool = False
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
@@ -68,6 +74,8 @@ class Sieve:
             raise FlowsieveError(
                 f"unknown units '{self.units}'{did_you_mean(self.units, UNITS)}; known: {', '.join(UNITS)}"
             )
+        if self.refeed and (self.site != "prefill" or self.chunk is not None):
+            raise FlowsieveError("refeed applies to an unchunked prefill-site sieve only")
         if self.units != "token" and self.site != "prefill":
             raise FlowsieveError(f"units='{self.units}' applies at the prefill site only, not '{self.site}'")
         if (self.keep is None) == (self.budget is None):

@@ -826,8 +826,9 @@ def _make_sieve(sieve_cls: Any, method: str, keep: float | None, budget: int | N
     """The sieve of a cell: ``method`` may carry options (``fastv@layer=6``, :func:`parse_method`)."""
     name, options = parse_method(method)
     extra: dict[str, Any] = {}
-    if "units" in options:  # a Sieve setting, not a scorer option
-        extra["units"] = options.pop("units")
+    for key in ("units", "refeed"):  # Sieve settings, not scorer options
+        if key in options:
+            extra[key] = options.pop(key)
     if options:
         extra["options"] = options
     return sieve_cls(name, keep=keep, budget=budget, site=site, **extra)
