@@ -86,7 +86,7 @@ def main() -> None:
             cache = base.clone()
             with torch.inference_mode():
                 o = obs
-                if s.scorer.probe == "replay":
+                if s.scorer.replays:
                     if m not in replays:
                         replays[m] = replay_observe(model, tok, base.clone(), head, (c_start, c_end), s, chat)
                     o = replays[m]

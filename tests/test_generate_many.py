@@ -18,7 +18,7 @@ Q = "who sleeps?"
 
 def _prefill_methods() -> list[str]:
     # methods that replay the context score from their own passes (refused below)
-    return [n for n, c in METHODS.items() if "prefill" in c.sites and c.probe is None]
+    return [n for n, c in METHODS.items() if "prefill" in c.sites and not c.replays]
 
 
 @pytest.mark.parametrize("mode", ["query_aware", "query_agnostic"])

@@ -458,7 +458,7 @@ def replay_observe(
     chat: bool,
 ) -> Any:
     """Observe passes that replay the context on top of a prefilled cache (methods with
-    ``probe = "replay"``, e.g. KVzip), then remove every replay entry again.
+    ``replays = True``, e.g. KVzip), then remove every replay entry again.
 
     Each pass feeds a request to repeat the context, the end of the user turn when the prompt is a
     chat whose turn is still open, and the next ``chunk_size`` context tokens, teacher-forced. The
@@ -483,7 +483,7 @@ def replay_observe(
         end = []  # the assistant turn is already open (query-aware prompt)
     first, nxt = _encode_plain(tokenizer, FIRST_REQUEST), _encode_plain(tokenizer, NEXT_REQUEST)
     c0, c1 = context
-    spec = scorer.probe_spec()
+    spec = scorer.replay_spec()
     spec.slots = True
     spec.layers = tuple(layers)
     size = getattr(scorer, "chunk_size", c1 - c0) or (c1 - c0)
@@ -549,7 +549,7 @@ def prefill_with_sieve(
     score_s = 0.0
     peak_entries = 0
     kept = T
-    replay = getattr(sieve.scorer, "probe", None) == "replay"
+    replay = getattr(sieve.scorer, "replays", False)
     if replay and sieve.site != "prefill":
         raise FlowsieveError(f"method '{sieve.method}' runs at the prefill site only")
     if getattr(sieve, "refeed", False):
@@ -710,7 +710,7 @@ def generate_many(
     for s in sieves:
         if s.site != "prefill" or s.chunk is not None:
             raise FlowsieveError("generate_many shares unchunked prefill-site passes only; use generate()")
-        if getattr(s.scorer, "probe", None) is not None:
+        if getattr(s.scorer, "replays", False):
             raise FlowsieveError(f"method '{s.method}' scores from its own replay passes; use generate()")
     if len({s.window for s in sieves}) > 1:
         raise FlowsieveError("generate_many needs sieves with the same observation window")

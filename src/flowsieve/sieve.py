@@ -252,7 +252,7 @@ class Sieve:
             raise FlowsieveError(
                 f"Sieve.on supports the prefill, decode, select and layer sites, not '{site}'"
             )
-        if getattr(self.scorer, "probe", None) is not None:
+        if getattr(self.scorer, "replays", False):
             raise FlowsieveError(
                 f"method '{self.method}' scores by replaying the context, which needs the tokenizer: "
                 "use flowsieve.generate.generate (or prefill_with_sieve), not Sieve.on"

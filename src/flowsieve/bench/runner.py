@@ -803,7 +803,7 @@ def _shareable(job: Job) -> bool:
         return False
     from flowsieve.sieves import METHODS
 
-    return getattr(METHODS.get(parse_method(c.method)[0]), "probe", None) is None  # replays: own passes
+    return not getattr(METHODS.get(parse_method(c.method)[0]), "replays", False)  # replays: own passes
 
 
 def _share_groups(jobs: list[Job]) -> list[list[Job]]:

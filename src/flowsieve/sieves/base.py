@@ -49,17 +49,17 @@ class KVScorer:
         unit_reduce: how a sentence's entry scores make its rank under ``units="sentence"``:
             ``"max"`` (its best entry) or ``"mean"`` (e.g. a sentence's mean surprisal).
         chunkable: False when the method cannot score a chunked prefill chunk by chunk.
-        probe: where the observations come from: None (the prefill pass) or ``"replay"`` (passes
-            that replay the context after the prefill; :meth:`probe_spec` says what they record).
+        replays: whether the observations come from passes that replay the context after the
+            prefill (KVzip) instead of the prefill itself; :meth:`replay_spec` says what they record.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("prefill",)
     needs: ClassVar[tuple[str, ...]] = ()
-    # None: scored from the prefill pass itself. "replay": scored from extra passes that replay the
-    # context after a request to repeat it (KVzip); see :func:`flowsieve.generate.replay_observe`
-    probe: ClassVar[str | None] = None
+    # scored from extra passes that replay the context after a request to repeat it (KVzip), not
+    # from the prefill itself; see :func:`flowsieve.generate.replay_observe`
+    replays: ClassVar[bool] = False
     # how ``units="sentence"`` ranks a sentence from its entries' scores: "max" or "mean"
     unit_reduce: ClassVar[str] = "max"
     # whether the method can score each chunk of a chunked prefill on its own
@@ -75,8 +75,8 @@ class KVScorer:
             surprisal="surprisal" in self.needs,
         )
 
-    def probe_spec(self) -> ObserveSpec:
-        """What the replay passes record (methods with ``probe = "replay"`` only)."""
+    def replay_spec(self) -> ObserveSpec:
+        """What the replay passes record (methods with ``replays = True`` only)."""
         raise NotImplementedError
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:

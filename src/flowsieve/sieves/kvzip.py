@@ -40,7 +40,7 @@ class KVzipScorer(KVScorer):
     paper = (
         "Kim et al. 2025, KVzip: query-agnostic KV compression with context reconstruction, arXiv 2505.23416"
     )
-    probe = "replay"
+    replays = True
     chunkable = False
     chunk_size: int = 2048
     n_sink: int = 4
@@ -50,7 +50,7 @@ class KVzipScorer(KVScorer):
         if self.chunk_size < 1 or self.n_sink < 0 or self.overlap < 0:
             raise FlowsieveError("kvzip: chunk_size must be >= 1, n_sink and overlap >= 0")
 
-    def probe_spec(self) -> ObserveSpec:
+    def replay_spec(self) -> ObserveSpec:
         return ObserveSpec(received_max=True)
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
