@@ -62,9 +62,15 @@ def child(job: str, a: argparse.Namespace) -> dict:
 
             method, _, chunk = job.partition("#")
             name, options = parse_method(method)
-            units = options.pop("units", "token")  # a Sieve setting, not a scorer option
+            units = options.pop("units", "token")  # Sieve settings, not scorer options
+            refeed = bool(options.pop("refeed", False))
             sieve = Sieve(
-                name, keep=a.keep, chunk=int(chunk) if chunk else None, options=options, units=units
+                name,
+                keep=a.keep,
+                chunk=int(chunk) if chunk else None,
+                options=options,
+                units=units,
+                refeed=refeed,
             )
             cache, logits, _ = prefill_with_sieve(model, prompt, sieve, "query_aware", tok, chat)
         prefill_s = time.perf_counter() - t0
