@@ -255,6 +255,16 @@ def _marker(line: str) -> str:
     return "o" if ":" not in line else "s"  # peers get squares
 
 
+def _legend(fig: Any, handles: list[Any], labels: list[str], per_column: int = 18) -> None:
+    """A legend right of the axes, in as many columns as needed for every entry to fit the
+    figure's height (the figure widens by one column's width per extra column)."""
+    ncol = max(1, math.ceil(len(labels) / per_column))
+    if ncol > 1:
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 2.6 * (ncol - 1), h)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, ncol=ncol)
+
+
 def _figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -303,7 +313,7 @@ def plot_score_vs_keep(sec: Section, path: Path, colors: Mapping[str, Any]) -> P
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+        _legend(fig, handles, labels)
     fig.suptitle(f"{sec.model} · {sec.label}: score vs keep", fontsize=11)
     fig.savefig(path, format="png")
     return path
@@ -369,7 +379,7 @@ def plot_pareto(sec: Section, path: Path, colors: Mapping[str, Any]) -> Path:
             ax.set_title(f"{mode}", fontsize=10)
             ax.grid(alpha=0.3)
     if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
+        _legend(fig, list(seen.values()), list(seen))
     fig.suptitle(f"{sec.model} · {sec.label}: score vs cost (Pareto frontier ringed in grey)", fontsize=11)
     fig.savefig(path, format="png")
     return path
