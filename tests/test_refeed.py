@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CharTokenizer
-from test_sieve import _per_layer_reference, _prompt
+from test_sieve import _per_layer_reference, _prompt, sliding_masks
 from transformers import GenerationConfig
 
 from flowsieve.errors import FlowsieveError
@@ -33,7 +33,7 @@ def test_keep_all_is_plain_generation(tiny_causal, method):
 def test_question_sees_only_the_kept_context(tiny_causal, method, units):
     """Logits of the question's last position and of 4 more tokens equal a full forward where rows
     from the question on cannot see the evicted context entries (per layer, per KV head)."""
-    name, model = tiny_causal
+    _, model = tiny_causal
     T, c0, c1 = 48, 3, 38
     p = _prompt(T, c0, c1)
     if units == "sentence":
@@ -67,11 +67,7 @@ def test_question_sees_only_the_kept_context(tiny_causal, method, units):
         hidden = hidden.repeat_interleave(H // Hk, dim=1) if Hk > 1 else hidden
         late = i >= c1
         allowed[li] = (j <= i) & ~(late & hidden[..., None, :])
-    if name == "gemma3":
-        w = model.config.sliding_window
-        for li, t in enumerate(model.config.layer_types):
-            if t == "sliding_attention":
-                allowed[li] = ((j <= i) & (i - j < w))[None, None]
+    allowed.update(sliding_masks(model, N))
     ref = _per_layer_reference(model, ids, allowed)[:, T - 1 :]
     assert (got - ref).abs().max().item() <= 1e-5
 

@@ -43,6 +43,15 @@ def _per_layer_reference(model, ids: torch.Tensor, allowed: dict[int, torch.Tens
         model.set_attn_implementation(prev)
 
 
+def sliding_masks(model, N: int) -> dict[int, torch.Tensor]:
+    """The causal window masks (1, 1, N, N) of a model's sliding-window layers, which no sieve
+    compresses (none for models without them)."""
+    w = getattr(model.config, "sliding_window", None)
+    types = getattr(model.config, "layer_types", None) or []
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    return {li: ((j <= i) & (i - j < w))[None, None] for li, t in enumerate(types) if t == "sliding_attention"}
+
+
 @pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_keep_all_is_identity(tiny_causal, method):
     """keep = 1.0: the cache is untouched and greedy decoding gives exactly plain generate's tokens."""
@@ -64,7 +73,7 @@ def test_keep_all_is_identity(tiny_causal, method):
 def test_compression_matches_masked_reference(tiny_causal, method, mode):
     """After compression, kept counts are exact, protected entries are kept, and the next tokens'
     logits equal a full forward in which the evicted keys are hidden from them (per layer, per head)."""
-    name, model = tiny_causal
+    _, model = tiny_causal
     T, c0, c1 = 48, 3, 38
     p = _prompt(T, c0, c1)
     # merging methods change the kept keys/values (tested on their own): prune-only here
@@ -104,12 +113,7 @@ def test_compression_matches_masked_reference(tiny_causal, method, mode):
         hidden = hidden.repeat_interleave(H // Hk, dim=1) if Hk > 1 else hidden
         late = i >= head
         allowed[li] = (j <= i) & ~(late & hidden[..., None, :])
-    if name == "gemma3":
-        # sliding layers are not compressed: their causal window mask
-        w = model.config.sliding_window
-        for li, t in enumerate(model.config.layer_types):
-            if t == "sliding_attention":
-                allowed[li] = ((j <= i) & (i - j < w))[None, None]
+    allowed.update(sliding_masks(model, N))
     ref = _per_layer_reference(model, ids, allowed)[:, head:]
     assert (got - ref[:, -4:]).abs().max().item() <= 1e-5
     assert extra["kept_entries"] == k + (T - head)

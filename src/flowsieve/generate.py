@@ -447,6 +447,24 @@ def _turn_end(tokenizer: Any) -> list[int]:
     return _encode_plain(tokenizer, text[text.index(mark) + len(mark) :])
 
 
+def _snapshot_others(cache: Any) -> dict[int, Any]:
+    """Copies of the layers that cannot evict (sliding windows), to restore after a crop."""
+    from flowsieve.kvcache import _clone_layer
+
+    return {i: _clone_layer(layer) for i, layer in enumerate(cache.layers) if i not in cache.sieve_layers}
+
+
+def _rewind(cache: Any, n: int, others: dict[int, Any]) -> None:
+    """Forget the last ``n`` tokens: crop them from the evictable layers (they must still be stored)
+    and put back copies of the other layers saved before them (:func:`_snapshot_others`)."""
+    from flowsieve.kvcache import _clone_layer
+
+    for i in cache.sieve_layers:
+        cache.layer(i).crop(-n)
+    for i, layer in others.items():
+        cache.layers[i] = _clone_layer(layer)
+
+
 @torch.inference_mode()
 def replay_observe(
     model: nn.Module,
@@ -468,7 +486,6 @@ def replay_observe(
     Args:
         head: the prefilled token ids (T,); context: its context span [c0, c1).
     """
-    from flowsieve.kvcache import _clone_layer
     from flowsieve.observe import observe
     from flowsieve.sieves.kvzip import FIRST_REQUEST, NEXT_REQUEST
 
@@ -476,8 +493,7 @@ def replay_observe(
         raise FlowsieveError(f"method '{sieve.method}' replays the context and needs the tokenizer")
     scorer = sieve.scorer
     layers = cache.sieve_layers
-    others = [i for i in range(len(cache.layers)) if i not in layers]
-    saved = {i: _clone_layer(cache.layers[i]) for i in others}
+    saved = _snapshot_others(cache)
     end = _turn_end(tokenizer) if chat else []
     if end and list(head[-len(end) :]) == end:
         end = []  # the assistant turn is already open (query-aware prompt)
@@ -494,10 +510,7 @@ def replay_observe(
             req = first if a == c0 else nxt + list(head[max(c0, a - overlap) : a])
             ids = req + end + list(head[a:b])
             model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
-            for i in layers:
-                cache.layer(i).crop(-len(ids))
-            for i in others:
-                cache.layers[i] = _clone_layer(saved[i])
+            _rewind(cache, len(ids), saved)
     return obs
 
 
@@ -591,23 +604,11 @@ def prefill_with_sieve(
     return cache, logits, extra
 
 
-def _snapshot_others(cache: Any) -> dict[int, Any]:
-    """Copies of the layers that cannot evict (sliding windows), to restore after a crop."""
-    from flowsieve.kvcache import _clone_layer
-
-    return {i: _clone_layer(layer) for i, layer in enumerate(cache.layers) if i not in cache.sieve_layers}
-
-
 def _requery(model: nn.Module, cache: Any, question: list[int], others: dict[int, Any]) -> torch.Tensor:
     """Drop the question's entries from a compressed cache (they are protected, so still the last
     ones stored), restore the non-evicting layers to their state before the question, and feed the
     question again; returns its last logits (1, 1, V)."""
-    from flowsieve.kvcache import _clone_layer
-
-    for i in cache.sieve_layers:
-        cache.layer(i).crop(-len(question))
-    for i, layer in others.items():
-        cache.layers[i] = _clone_layer(layer)
+    _rewind(cache, len(question), others)
     return append_tokens(model, cache, question)
 
 
