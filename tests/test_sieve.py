@@ -49,7 +49,9 @@ def sliding_masks(model, N: int) -> dict[int, torch.Tensor]:
     w = getattr(model.config, "sliding_window", None)
     types = getattr(model.config, "layer_types", None) or []
     i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
-    return {li: ((j <= i) & (i - j < w))[None, None] for li, t in enumerate(types) if t == "sliding_attention"}
+    return {
+        li: ((j <= i) & (i - j < w))[None, None] for li, t in enumerate(types) if t == "sliding_attention"
+    }
 
 
 @pytest.mark.parametrize("method", PREFILL_METHODS)
