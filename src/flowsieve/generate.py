@@ -270,20 +270,30 @@ class DecodeEvictor:
         from flowsieve.sieves import ScoreContext
 
         n_heads, n_kv = head_counts(self.model)
+        scorer = self.sieve.scorer
         for i in self.cache.sieve_layers:
             layer = self.cache.layer(i)
             S = layer.stored_length
             self.max_stored = max(self.max_stored, S)
             self.capacity = cap = self.sieve.capacity(layer.cumulative_length)
+            ctx = ScoreContext(S, (), n_heads, n_kv, i, len(self.cache.layers), self.sieve.seed)
+            if scorer.carries:
+                scorer.decode_step(obs.layer(i), layer, ctx)
             if S <= cap:
                 continue
-            ctx = ScoreContext(S, (), n_heads, n_kv, i, len(self.cache.layers), self.sieve.seed)
-            scores = self.sieve.scorer.decode_score(obs.layer(i), layer, ctx).float()
             pos = layer.positions
             n = layer.cumulative_length
             prot = (pos >= n - self.recent) | self.protect[pos.clamp(max=self.protect.shape[0] - 1)] & (
                 pos < self.protect.shape[0]
             )
+            must = int(prot.sum(-1).max())
+            if must > cap:
+                raise FlowsieveError(
+                    f"the decode cache holds at most {cap} entries, fewer than the {must} it must keep "
+                    f"(the prompt's protected tokens and the last {self.recent}); raise the budget or keep"
+                )
+            ctx.candidates = ~prot
+            scores = scorer.decode_score(obs.layer(i), layer, ctx).float()
             layer.keep(select_topk(scores, prot, cap))
             self.evicted += S - cap
 
@@ -550,10 +560,10 @@ def prefill_with_sieve(
         head, tail = ids, []
     T = len(head)
     c0, c1 = prompt.context
-    protect = torch.ones(T, dtype=torch.bool)
-    protect[c0 : min(c1, T)] = False
+    question = prompt.question if mode == "query_aware" else None
+    rows = sieve.observation_rows(T, question)
+    protect = protect_mask(prompt, T, rows)
     w = min(sieve.window, T)
-    protect[T - w :] = True
     cache = SieveCache(model)
     k = sieve.target(T)
     size = sieve.chunk or T
@@ -570,10 +580,10 @@ def prefill_with_sieve(
             raise FlowsieveError("refeed needs a question, in query-aware mode")
         if replay:
             raise FlowsieveError(f"method '{sieve.method}' replays the context; it does not refeed")
-        return _prefill_refeed(model, prompt, sieve, protect, w, k, units)
+        return _prefill_refeed(model, prompt, sieve, protect, rows, k, units)
     for a in range(0, T, size):
         b = min(a + size, T)
-        win = tuple(range(max(0, b - w), b))
+        win = sieve.observation_rows(b, question, a) if b == T else tuple(range(max(0, b - w), b))
         with observe(model, sieve.observe_spec(win, cache.sieve_layers)) as obs:
             logits = model(
                 input_ids=torch.tensor([head[a:b]]), cache=cache, use_cache=True, logits_to_keep=1
@@ -604,6 +614,16 @@ def prefill_with_sieve(
     return cache, logits, extra
 
 
+def protect_mask(prompt: Prompt, n_tokens: int, rows: Sequence[int]) -> torch.Tensor:
+    """bool (n_tokens,): the entries a compression of the first ``n_tokens`` prompt tokens always
+    keeps: everything outside the context (chat template, question) and the observation ``rows``."""
+    c0, c1 = prompt.context
+    protect = torch.ones(n_tokens, dtype=torch.bool)
+    protect[c0 : min(c1, n_tokens)] = False
+    protect[list(rows)] = True
+    return protect
+
+
 def _requery(model: nn.Module, cache: Any, question: list[int], others: dict[int, Any]) -> torch.Tensor:
     """Drop the question's entries from a compressed cache (they are protected, so still the last
     ones stored), restore the non-evicting layers to their state before the question, and feed the
@@ -613,16 +633,22 @@ def _requery(model: nn.Module, cache: Any, question: list[int], others: dict[int
 
 
 def _prefill_refeed(
-    model: nn.Module, prompt: Prompt, sieve: Any, protect: torch.Tensor, w: int, k: int, units: Any
+    model: nn.Module,
+    prompt: Prompt,
+    sieve: Any,
+    protect: torch.Tensor,
+    win: tuple[int, ...],
+    k: int,
+    units: Any,
 ) -> tuple[Any, torch.Tensor, dict]:
-    """Query-aware prefill with ``sieve.refeed``: context, then question, observed as one prefill;
-    compress; then the question again over the compressed cache (:func:`_requery`)."""
+    """Query-aware prefill with ``sieve.refeed``: context, then question, observed as one prefill
+    (observation rows ``win``); compress; then the question again over the compressed cache
+    (:func:`_requery`)."""
     from flowsieve.kvcache import SieveCache
     from flowsieve.observe import observe
 
     ids = list(prompt.ids)
     T, s = len(ids), prompt.split
-    win = tuple(range(T - w, T))
     cache = SieveCache(model)
     t0 = time.perf_counter()
     with observe(model, sieve.observe_spec(win, cache.sieve_layers)) as obs:
@@ -713,26 +739,21 @@ def generate_many(
             raise FlowsieveError("generate_many shares unchunked prefill-site passes only; use generate()")
         if getattr(s.scorer, "replays", False):
             raise FlowsieveError(f"method '{s.method}' scores from its own replay passes; use generate()")
-    if len({s.window for s in sieves}) > 1:
-        raise FlowsieveError("generate_many needs sieves with the same observation window")
     prompt = _checked_prompt(model, tokenizer, context, question, chat, instruction, mode, max_new_tokens)
     ids = list(prompt.ids)
     head, tail = (ids[: prompt.split], ids[prompt.split :]) if mode == "query_agnostic" else (ids, [])
     T = len(head)
-    c0, c1 = prompt.context
     results: list[GenResult | None] = [None] * len(sieves)
     groups: dict[tuple[int, ...], list[int]] = {}
     if not sieves:
         return []
-    w = min(sieves[0].window, T)
-    win = tuple(range(T - w, T))
-    protect = torch.ones(T, dtype=torch.bool)
-    protect[c0 : min(c1, T)] = False
-    protect[T - w :] = True
+    question = prompt.question if mode == "query_aware" else None
+    wins = [s.observation_rows(T, question) for s in sieves]
+    protects = [protect_mask(prompt, T, w) for w in wins]
     layers = SieveCache(model).sieve_layers
     rowless = []
     for j, s in enumerate(sieves):
-        rows = tuple(s.observe_spec(win, layers).rows)
+        rows = tuple(s.observe_spec(wins[j], layers).rows)
         if rows:
             groups.setdefault(rows, []).append(j)
         else:
@@ -744,7 +765,7 @@ def generate_many(
     eos = _eos_ids(model, tokenizer)
     full_bytes = full_kv_bytes(model, len(prompt), _dtype_bytes(model))
     for members in groups.values():
-        spec = merge_specs([sieves[j].observe_spec(win, layers) for j in members])
+        spec = merge_specs([sieves[j].observe_spec(wins[j], layers) for j in members])
         base = SieveCache(model)
         t0 = time.perf_counter()
         refeed = any(getattr(sieves[j], "refeed", False) for j in members)
@@ -779,7 +800,7 @@ def generate_many(
             cache = base.clone()
             with torch.inference_mode():
                 units = units_for(sieve, prompt)
-                kept = sieve.compress(obs, cache, protect, win, k=sieve.target(T), units=units)
+                kept = sieve.compress(obs, cache, protects[j], wins[j], k=sieve.target(T), units=units)
                 logits = append_tokens(model, cache, tail) if tail else logits0
                 if getattr(sieve, "refeed", False):
                     logits = _requery(model, cache, head[prompt.split :], others)
@@ -802,7 +823,7 @@ def generate_many(
                 extra={
                     "kept_entries": kept + len(tail),
                     "compressed_tokens": T,
-                    "protected": int(protect.sum()),
+                    "protected": int(protects[j].sum()),
                     "shared_prefill": True,
                     "shared_forward_s": round(shared_s, 4),
                     "own_s": round(own_s, 4),

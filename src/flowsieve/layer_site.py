@@ -429,9 +429,9 @@ def prefill_layer_site(
     Args:
         prompt: a :class:`flowsieve.generate.Prompt` (ids, context span, split).
         sieve: a :class:`flowsieve.sieve.Sieve` at the ``layer`` site.
-        mode: ``"query_aware"``: the whole prompt is prefilled and pruned; the relay is everything
-            after the context (separator, question, instruction, template), or the last ``window``
-            tokens when nothing follows the context. ``"query_agnostic"``: the prompt up to the end
+        mode: ``"query_aware"``: the whole prompt is prefilled and pruned; the relay is the
+            question span (question, instruction, template: :meth:`Sieve.observation_rows`), or the
+            last ``window`` tokens when there is no question or ``rows="window"``. ``"query_agnostic"``: the prompt up to the end
             of the context is prefilled and pruned (relay: its last ``window`` tokens, which stay),
             then the rest is appended on top of the pruned cache.
 
@@ -446,10 +446,8 @@ def prefill_layer_site(
     c0, c1 = prompt.context
     context = torch.zeros(T, dtype=torch.bool)
     context[c0 : min(c1, T)] = True
-    if min(c1, T) < T:
-        relay = torch.arange(min(c1, T), T)
-    else:
-        relay = torch.arange(T - min(sieve.window, T), T)
+    # the question span (query-aware) or the last ``window`` tokens, as at the prefill site
+    relay = torch.tensor(sieve.observation_rows(T, prompt.question if mode == "query_aware" else None))
     types = layer_types(model)
     prune, spec = _prune_for(model, sieve, types, context, relay)
     cache = LayerSiteCache(model)
@@ -511,10 +509,11 @@ def attach(model: nn.Module, sieve: Any, protect_last: int = 0) -> Iterator[None
         if cache is None or cache.get_seq_length() == 0:
             close_runtime()
             T = int(ids.shape[1])
-            w = min(sieve.window, T)
             context = torch.ones(T, dtype=torch.bool)
             context[T - min(protect_last, T) :] = False
-            prune, spec = _prune_for(model, sieve, types, context, torch.arange(T - w, T))
+            question = (T - min(protect_last, T), T) if protect_last > 0 else None
+            relay = torch.tensor(sieve.observation_rows(T, question))
+            prune, spec = _prune_for(model, sieve, types, context, relay)
             new = LayerSiteCache(model)
             runtime = LayerRuntime(model, new)
             runtime.prune = prune

@@ -25,6 +25,7 @@ from flowsieve.sieves.layer import LayerPruner
 
 SITES = ("prefill", "decode", "select", "layer", "prompt")
 UNITS = ("token", "sentence")
+ROWS = ("question", "window")
 
 
 @dataclass
@@ -36,8 +37,14 @@ class Sieve:
         keep: share of the prompt's KV entries to keep, in (0, 1]; or give ``budget``.
         budget: number of entries to keep per layer (protected ones included).
         site: where the method is applied.
-        window: observation window (last prompt tokens whose attention scores the rest); they are
-            always kept.
+        window: observation window of query-agnostic compression (the last ``window`` tokens of
+            the compressed part, whose attention scores the rest; always kept), of every chunk but
+            the last of a chunked prefill, and of query-aware compression with ``rows="window"``.
+        rows: which queries observe a query-aware compression: ``"question"`` (default) the question
+            span, i.e. every token after the context (question, instruction, chat template up to
+            the answer), whatever its length; ``"window"`` the last ``window`` prompt tokens
+            (SnapKV's placement: a short question leaves context tokens in the window, and those
+            are then kept; a long one is cut).
         chunk: prefill in chunks of this many tokens and compress after each chunk, so that the
             cache never holds more than budget + chunk entries (None = one pass). Each compression
             scores from the observations of its own chunk (a method summing attention over all
@@ -67,12 +74,17 @@ class Sieve:
     options: dict[str, Any] = field(default_factory=dict)
     units: str = "token"
     refeed: bool = False
+    rows: str = "question"
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
         if self.units not in UNITS:
             raise FlowsieveError(
                 f"unknown units '{self.units}'{did_you_mean(self.units, UNITS)}; known: {', '.join(UNITS)}"
+            )
+        if self.rows not in ROWS:
+            raise FlowsieveError(
+                f"unknown rows '{self.rows}'{did_you_mean(self.rows, ROWS)}; known: {', '.join(ROWS)}"
             )
         if self.refeed and (self.site != "prefill" or self.chunk is not None):
             raise FlowsieveError("refeed applies to an unchunked prefill-site sieve only")
@@ -139,6 +151,22 @@ class Sieve:
         assert self.keep is not None
         return max(1, round(self.keep * seen_tokens))
 
+    def observation_rows(
+        self, n_tokens: int, question: tuple[int, int] | None = None, start: int = 0
+    ) -> tuple[int, ...]:
+        """Absolute positions of the queries that observe a compression of the first ``n_tokens``
+        prompt tokens, of which the current pass fed ``[start, n_tokens)``.
+
+        With ``rows="question"`` and a question span ``question = (q0, q1)`` that reaches the end
+        (query-aware mode): ``[max(q0, start), n_tokens)``, the question and what follows it. Otherwise
+        the last ``window`` tokens (query-agnostic mode, earlier chunks, ``rows="window"``)."""
+        if self.rows == "question" and question is not None and question[0] < n_tokens <= question[1]:
+            first = max(question[0], start)
+            if first < n_tokens:
+                return tuple(range(first, n_tokens))
+        w = min(self.window, n_tokens)
+        return tuple(range(n_tokens - w, n_tokens))
+
     def observe_spec(self, window: tuple[int, ...], layers: Sequence[int] | None = None) -> ObserveSpec:
         """What to observe for a compression scored at ``window``; ``layers``: only these layers
         (the cache's compressible ones: sliding-window layers are never scored, so observing them
@@ -188,7 +216,7 @@ class Sieve:
                 f"the budget ({k} entries) is smaller than the tokens that must be kept "
                 f"({n_protected}: the question, the chat template and the observation window)"
             )
-        if k >= T:
+        if k >= T and not self.scorer.carries:
             return T
         n_heads, n_kv = head_counts(obs.model)
         n_layers = len(obs.attn_modules)
@@ -196,9 +224,13 @@ class Sieve:
         # layers hold a different set of keys
         raw = []
         for i in layers:
-            ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed)
+            ctx = ScoreContext(T, window, n_heads, n_kv, i, n_layers, self.seed, candidates=~prot[i])
             raw.append(self.scorer.score(obs.layer(i), ctx).float())
-        scores = dict(zip(layers, self.scorer.accumulate(raw)))
+        scores = {
+            i: self.scorer.carry(cache.layer(i), s) for i, s in zip(layers, self.scorer.accumulate(raw))
+        }
+        if k >= T:
+            return T
         if self.units == "sentence":
             if units is None:
                 raise FlowsieveError(
@@ -235,9 +267,9 @@ class Sieve:
         entries the method picks (:mod:`flowsieve.select`). At the ``layer`` site the prefill pass
         drops context tokens between decoder layers (:mod:`flowsieve.layer_site`; the last
         ``protect_last`` tokens are not context) and later passes run with the pruned cache's
-        per-layer masks. Protected: the observation window
-        (the last ``window`` prompt tokens) and the last ``protect_last`` tokens (e.g. a question
-        longer than the window). Batch size 1 only. Hooks are always removed on exit.
+        per-layer masks. Protected: the last ``protect_last`` tokens (the question and what follows
+        it; with ``rows="question"`` they are also the observation rows) and the observation rows
+        (the last ``window`` prompt tokens when ``protect_last`` is 0). Batch size 1 only. Hooks are always removed on exit.
         """
         from flowsieve.generate import DecodeEvictor
         from flowsieve.kvcache import SieveCache
@@ -288,10 +320,11 @@ class Sieve:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is None or cache.get_seq_length() == 0:
                 T = int(ids.shape[1])
-                w = min(self.window, T)
-                window = tuple(range(T - w, T))
+                # the last protect_last tokens are the question span (query-aware rows)
+                question = (T - min(protect_last, T), T) if protect_last > 0 else None
+                window = self.observation_rows(T, question)
                 protect = torch.zeros(T, dtype=torch.bool)
-                protect[T - max(w, min(protect_last, T)) :] = True
+                protect[T - max(len(window), min(protect_last, T)) :] = True
                 new = SieveCache(model)
                 kwargs.pop("past_key_values", None)
                 kwargs["cache"] = new

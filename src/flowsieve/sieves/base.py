@@ -22,10 +22,14 @@ class ScoreContext:
     Attributes:
         n_tokens: T, tokens in the cache when scoring.
         window: absolute positions of the observation queries (the question span in query-aware
-            mode, the last ``w`` tokens of the context otherwise).
+            mode, the last ``w`` tokens of the context otherwise); they are the last
+            ``len(window)`` slots of the cache.
         n_heads / n_kv_heads: H and Hk.
         layer: index of the layer being scored; n_layers: how many there are.
         seed: for methods that draw random numbers.
+        candidates: bool (T,) or (1, Hk|1, T) over cache slots: the entries that compete for the
+            budget (not protected); None = every entry. Methods that normalise over "the tokens
+            that may be pruned" (FlowCut) normalise over these.
     """
 
     n_tokens: int
@@ -35,6 +39,15 @@ class ScoreContext:
     layer: int
     n_layers: int
     seed: int = 0
+    candidates: torch.Tensor | None = None
+
+    def shared_candidates(self) -> torch.Tensor | None:
+        """The candidates as one (T,) mask for scores shared by all heads (an entry competes when
+        it competes for any KV head), or None."""
+        c = self.candidates
+        if c is None:
+            return None
+        return c.reshape(-1, c.shape[-1]).any(0) if c.dim() > 1 else c
 
 
 @dataclass
@@ -64,6 +77,9 @@ class KVScorer:
     unit_reduce: ClassVar[str] = "max"
     # whether the method can score each chunk of a chunked prefill on its own
     chunkable: ClassVar[bool] = True
+    # whether scores accumulate over time and travel with the entries (H2O): :meth:`carry` runs at
+    # every compression, even one that keeps everything, and :meth:`decode_step` at every decode step
+    carries: ClassVar[bool] = False
 
     def spec(self, window: tuple[int, ...]) -> ObserveSpec:
         """The observation this scorer needs during prefill."""
@@ -101,6 +117,17 @@ class KVScorer:
         ``scores`` are the layer's accumulated scores, ``keep`` what ``select_topk`` chose and
         ``protect`` the layer's protect mask."""
         return None
+
+    def carry(self, layer: Any, scores: torch.Tensor) -> torch.Tensor:
+        """Prefill-site hook of methods with ``carries``: ``scores`` are one layer's new scores
+        (B, Hk|1, T) over its stored entries; returns the scores to select with (e.g. plus what the
+        entries already carry from earlier chunks) after storing them with the entries in
+        ``layer.extras`` (a :class:`~flowsieve.kvcache.SieveLayer`). Identity by default."""
+        return scores
+
+    def decode_step(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> None:
+        """Decode-site hook of methods with ``carries``, run after every decode step on every
+        compressed layer, whether or not the step evicts (e.g. H2O adds the step's attention)."""
 
     def decode_spec(self) -> ObserveSpec:
         """What the decode site observes at every step (the step's own attention row by default)."""
@@ -182,9 +209,12 @@ def unit_pool(scores: torch.Tensor, units: torch.Tensor, reduce: str = "max") ->
     return out.reshape(shape)
 
 
-def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
-    """Same-length 1-D pooling along the last dim (SnapKV's clustering of neighbouring tokens)."""
-    if kernel <= 1:
+def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg", zero_pad: bool = False) -> torch.Tensor:
+    """Same-length 1-D pooling along the last dim (SnapKV's clustering of neighbouring tokens).
+
+    ``kernel // 2`` padding on each side; an average near the ends divides by the entries inside
+    the row, or by ``kernel`` with ``zero_pad`` (torch's default, which SnapKV's code uses)."""
+    if kernel <= 1 or x.shape[-1] == 0:
         return x
     shape = x.shape
     flat = x.reshape(-1, 1, shape[-1])
@@ -192,7 +222,7 @@ def pool1d(x: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
     if kind == "max":
         out = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=pad)
     else:
-        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=False)
+        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=pad, count_include_pad=zero_pad)
     return out[..., : shape[-1]].reshape(shape)
 
 

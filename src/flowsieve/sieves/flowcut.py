@@ -1,11 +1,15 @@
 """FlowCut (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient
 Vision-Language Models", NeurIPS 2025, arXiv 2505.19536), applied to the KV cache of a context.
 
-Per layer, the relay queries (the observation window: the question in query-aware mode) give
-``(rel + sem) * ||mean_h v||_1`` per token (relay attention and value-value attention, each
-normalised over the candidates, see :func:`flowsieve.scorers.flow.flowcut_score`), averaged over the
-relay queries; scores are accumulated across layers with FlowCut's EMA (weight 0.5) so that a layer
-keeps what has carried information so far.
+Per layer, the relay queries (the observation rows: the question span in query-aware mode, the
+last ``window`` tokens otherwise) give ``(rel + sem) * ||mean_h v||_1`` per token (relay attention
+and value-value attention, each head-averaged and then normalised over the candidates — the entries
+that may be evicted, not the protected BOS sink, chat template or question — as the paper
+normalises over the visual tokens only; see :func:`flowsieve.scorers.flow.flowcut_score`), averaged
+over the relay queries; scores are accumulated across layers with FlowCut's EMA (weight 0.5) so
+that a layer keeps what has carried information so far. Option ``normalise="all"`` normalises over
+every entry instead (the sink and the question then take part in both sums; an ablation, worse in
+the README's measurements).
 
 Deviations from the paper (written for visual tokens in a ViT and one LLM layer): the relay is the
 window of text queries instead of CLS / the last instruction token; pruning is one-shot per layer
@@ -50,6 +54,8 @@ class FlowCutScorer(LayerPruner):
         ema: weight of the new layer in the EMA (prefill site).
         layer: the prune layer at the layer site (>= 1); layer ``layer - 1`` scores.
         kernel: average pooling of the prefill-site scores over this many neighbours (1 = none).
+        normalise: ``"candidates"`` (the paper's rule: both terms sum to 1 over the entries that
+            may be evicted) or ``"all"`` (over every entry, protected ones included).
     """
 
     name = "flowcut"
@@ -59,8 +65,11 @@ class FlowCutScorer(LayerPruner):
     ema: float = 0.5
     layer: int = 2
     kernel: int = 1
+    normalise: str = "candidates"
 
     def __post_init__(self) -> None:
+        if self.normalise not in ("candidates", "all"):
+            raise FlowsieveError(f"flowcut: normalise must be 'candidates' or 'all', got {self.normalise!r}")
         if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1:
             raise FlowsieveError(f"flowcut: kernel must be an integer >= 1, got {self.kernel!r}")
         if not 0 < self.ema <= 1:
@@ -72,7 +81,10 @@ class FlowCutScorer(LayerPruner):
         T = ctx.n_tokens
         assert obs.value_l1 is not None
         vl1 = obs.value_l1[..., :T]
-        per_relay = [flowcut_score(obs.rows[p][..., :T], obs.vv_rows[p][..., :T], vl1) for p in ctx.window]
+        cand = ctx.shared_candidates() if self.normalise == "candidates" else None
+        per_relay = [
+            flowcut_score(obs.rows[p][..., :T], obs.vv_rows[p][..., :T], vl1, cand) for p in ctx.window
+        ]
         s = pool1d(torch.stack(per_relay).mean(0), self.kernel)  # (B, T)
         return s / s.sum(-1, keepdim=True).clamp(min=1e-12)
 

@@ -2,8 +2,10 @@
 Models", NeurIPS 2023, arXiv 2306.14048): keep the tokens with the largest attention received,
 summed over all prefill queries (heavy hitters), plus a recent window.
 
-At the decode site the accumulated score of each entry is carried with it (``SieveLayer.extras``)
-and grows with every step's attention; the cache is kept at its budget by evicting the lowest.
+The accumulated score of each entry is carried with it (``SieveLayer.extras["h2o"]``): the
+attention it received from every prefill query (summed over the chunks of a chunked prefill) and
+then from every decode step, whether or not that step evicts, as the real-drop code's
+``s_new[:, :Lk-q] += s_old`` does; the cache is kept at its budget by evicting the lowest.
 The recent window here is the sieve's protected window (question / observation window); the
 per-KV-head score sums the attention of the KV head's query heads (GQA).
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from flowsieve.errors import FlowsieveError
 from flowsieve.observe import LayerObs
 from flowsieve.sieves.base import METHODS, KVScorer, ScoreContext
 
@@ -28,6 +31,7 @@ class H2OScorer(KVScorer):
     paper = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle, arXiv 2306.14048"
     needs = ("received",)
     sites = ("prefill", "decode")
+    carries = True
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         assert obs.received is not None
@@ -35,17 +39,26 @@ class H2OScorer(KVScorer):
         B, H, T = r.shape
         return r.view(B, ctx.n_kv_heads, H // ctx.n_kv_heads, T).sum(2)
 
-    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
-        """Heavy hitters at decode time: the attention each entry received, accumulated over the
-        decode steps and carried with the entries (the prefill's received attention chose which
-        prompt entries entered the decode cache)."""
-        S = layer.stored_length
-        row = obs.rows[-1][..., :S]  # (B, H, S) this step's attention
-        B, H, _ = row.shape
-        step = row.view(B, ctx.n_kv_heads, H // ctx.n_kv_heads, S).sum(2)  # (B, Hk, S)
-        acc = layer.extras.get("h2o")
-        if acc is None or acc.shape[-1] != S:
-            acc = step.new_zeros(step.shape)
-        acc = acc + step
+    def carry(self, layer: Any, scores: torch.Tensor) -> torch.Tensor:
+        """Add the attention the entries received in earlier chunks (new entries carry 0) and store
+        the sum with them: (B, Hk, T) -> (B, Hk, T)."""
+        prev = layer.extras.get("h2o")
+        acc = scores if prev is None else prev.to(scores.dtype) + scores
         layer.extras["h2o"] = acc
         return acc
+
+    def decode_step(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> None:
+        """Add this step's attention (summed over each KV head's query heads) to every stored entry."""
+        S = layer.stored_length
+        row = obs.rows[-1][..., :S].float()  # (B, H, S) this step's attention
+        B, H, _ = row.shape
+        step = row.view(B, ctx.n_kv_heads, H // ctx.n_kv_heads, S).sum(2)  # (B, Hk, S)
+        prev = layer.extras.get("h2o")
+        if prev is None or prev.shape[-1] != S:
+            raise FlowsieveError("h2o: the decode cache carries no prefill scores (was the prefill sieved?)")
+        layer.extras["h2o"] = prev + step
+
+    def decode_score(self, obs: LayerObs, layer: Any, ctx: ScoreContext) -> torch.Tensor:
+        """Heavy hitters at decode time: the attention each entry received over the prefill and every
+        decode step so far (:meth:`decode_step` has added this step's)."""
+        return layer.extras["h2o"]

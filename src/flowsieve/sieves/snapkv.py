@@ -4,6 +4,11 @@ summed over the window, smoothed by 1-D pooling, averaged over each KV head's qu
 kvpress does), selects the prefix entries to keep; the window itself is always kept.
 
 Defaults follow the official ``init_snapkv``: window 32 (the sieve's window), kernel 5, avg pooling.
+As in the official ``SnapKVCluster.update_kv``, only the prefix columns (the entries before the
+window) are summed and pooled, with zero padding at both ends (``avg_pool1d``'s default
+``count_include_pad=True``); the window's own columns are never candidates and keep their raw sums.
+The window is the sieve's observation rows: the question span in query-aware mode
+(``Sieve(rows="window")`` gives the paper's last ``window`` prompt tokens).
 """
 
 from __future__ import annotations
@@ -34,4 +39,6 @@ class SnapKVScorer(KVScorer):
 
     def score(self, obs: LayerObs, ctx: ScoreContext) -> torch.Tensor:
         a = window_rows(obs, ctx.window, ctx.n_tokens).sum(2)  # (B, H, T)
-        return gqa_mean(pool1d(a, self.kernel, self.pooling), ctx.n_kv_heads)
+        n = max(ctx.n_tokens - len(ctx.window), 0)  # prefix: the slots before the window
+        pooled = pool1d(a[..., :n], self.kernel, self.pooling, zero_pad=True)
+        return gqa_mean(torch.cat([pooled, a[..., n:]], dim=-1), ctx.n_kv_heads)
