@@ -158,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             budget=args.budget,
             site=args.site,
             window=args.window,
+            rows=args.rows,
             options=_parse_options(args.option),
         )
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
@@ -275,7 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep", type=float, default=0.25, help="share of KV entries to keep (default 0.25)")
     g.add_argument("--budget", type=int, help="entries to keep instead of --keep")
-    g.add_argument("--window", type=int, default=32, help="observation window, always kept")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=32,
+        help="observation window of query-agnostic compression (and of --rows window), always kept",
+    )
+    g.add_argument(
+        "--rows",
+        choices=("question", "window"),
+        default="question",
+        help="queries that observe a query-aware compression: the question span (default) or the "
+        "last --window prompt tokens",
+    )
     g.add_argument("--option", action="append", metavar="NAME=VALUE", help="method option (repeatable)")
     g.add_argument(
         "--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template"

@@ -826,7 +826,7 @@ def _make_sieve(sieve_cls: Any, method: str, keep: float | None, budget: int | N
     """The sieve of a cell: ``method`` may carry options (``fastv@layer=6``, :func:`parse_method`)."""
     name, options = parse_method(method)
     extra: dict[str, Any] = {}
-    for key in ("units", "refeed"):  # Sieve settings, not scorer options
+    for key in ("units", "refeed", "rows"):  # Sieve settings, not scorer options
         if key in options:
             extra[key] = options.pop(key)
     if options:
