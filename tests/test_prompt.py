@@ -195,7 +195,7 @@ def test_spans_tile_the_text(text):
 def test_sentences_and_paragraphs():
     text = "Dr. E. B. White wrote. Did he?\nYes! Then\n\nnew paragraph. End"
     s = [text[a:b] for a, b in sentence_spans(text)]
-    assert s == ["Dr.", " E. B. White wrote.", " Did he?", "\nYes!", " Then", "\n\nnew paragraph.", " End"]
+    assert s == ["Dr. E. B. White wrote.", " Did he?", "\nYes!", " Then", "\n\nnew paragraph.", " End"]
     p = [text[a:b] for a, b in paragraph_spans(text)]
     assert p == ["Dr. E. B. White wrote. Did he?\nYes! Then\n\n", "new paragraph. End"]
 

@@ -12,9 +12,7 @@ exactly the tokens of ``model.generate(do_sample=False)``.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ from torch import nn
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.models import context_length
+from flowsieve.sentences import sentence_index
 
 DEFAULT_INSTRUCTION = "Answer briefly."
 
@@ -40,8 +39,8 @@ class Prompt:
         question: token span [start, end) of the question (and what follows it), or None.
         split: index where a query-agnostic run splits the prompt: ``ids[:split]`` is compressed
             before the question is known, ``ids[split:]`` is appended afterwards.
-        sentences: per token, the index of the sentence it starts in (a sentence ends after ``.``,
-            ``!`` or ``?`` followed by white space, and at every line break); empty when unknown.
+        sentences: per token, the index of the sentence it starts in (the sentences of
+            :func:`flowsieve.sentences.sentence_spans`); empty when unknown.
             Sieves with ``units="sentence"`` keep or drop whole sentences.
     """
 
@@ -111,20 +110,6 @@ def build_prompt(
     return Prompt(
         ids=tuple(ids), context=(t0, t1), question=qspan, split=t1, sentences=sentence_index(text, starts)
     )
-
-
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
-
-
-def sentence_index(text: str, starts: Sequence[int]) -> tuple[int, ...]:
-    """Per token (given its start offset in ``text``), the index of the sentence it starts in.
-
-    A sentence ends after ``.``, ``!`` or ``?`` (and closing quotes or brackets) followed by white
-    space, and before every run of line breaks; the white space after a sentence belongs to the next.
-    """
-    ends = {m.end() for m in _SENTENCE_END.finditer(text)}
-    cuts = sorted(ends | {m.start() for m in re.finditer(r"\n+", text)})
-    return tuple(bisect.bisect_right(cuts, a) for a in starts)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 
 from flowsieve.errors import FlowsieveError, did_you_mean
 from flowsieve.registry import Registry
+from flowsieve.sentences import sentence_spans as sentence_spans
 
 SEPARATOR = "\n\n"  # between the context and the question, as in flowsieve.trace.build_input
 
@@ -115,31 +116,6 @@ def prefix_ids(tokenizer: Any) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------- text structure
-
-_SENTENCE_END = re.compile(r"""[.!?]+["'”’)\]]*(?=\s)|[ \t]*\n\s*""")
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Split ``text`` into sentences: character spans that tile the text.
-
-    A sentence ends after ``.``, ``!`` or ``?`` (and closing quotes or brackets) followed by
-    whitespace, or before a line break; the whitespace after it belongs to the next sentence.
-    A single capital letter before a full stop ("E. B. White") is an initial, not an end.
-    """
-    cuts = [0]
-    for m in _SENTENCE_END.finditer(text):
-        if "\n" in m.group():
-            end = m.start()
-        else:
-            end = m.end()
-            before = text[max(0, m.start() - 2) : m.start()]
-            if m.group() == "." and before[-1:].isupper() and (len(before) < 2 or not before[0].isalnum()):
-                continue
-        if cuts[-1] < end < len(text):
-            cuts.append(end)
-    cuts.append(len(text))
-    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 
