@@ -82,6 +82,7 @@ class FlowCutScorer(LayerPruner):
         assert obs.value_l1 is not None
         vl1 = obs.value_l1[..., :T]
         cand = ctx.shared_candidates() if self.normalise == "candidates" else None
+        # every observation row is a relay of its own, normalised on its own; their scores are averaged
         per_relay = [
             flowcut_score(obs.rows[p][..., :T], obs.vv_rows[p][..., :T], vl1, cand) for p in ctx.window
         ]
