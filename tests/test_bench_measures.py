@@ -16,8 +16,6 @@ from flowsieve.bench.runner import Cell, Job, SweepConfig, run_sweep
 from flowsieve.bench.store import ADDED, FULL, Store
 from flowsieve.bench.tasks import get_task
 
-pytest.importorskip("flowsieve.sieve")
-
 
 def sweep(tmp_path, name="r", **kw):
     model, tok = tiny_loader("tiny")

@@ -269,7 +269,6 @@ def test_unavailable_method_fails_before_running(monkeypatch, tmp_path):
 
 
 def test_methods_are_checked_against_the_sieve_registry():
-    pytest.importorskip("flowsieve.sieve")
     with pytest.raises(FlowsieveError, match=r"unknown method 'flowcutt' \(did you mean 'flowcut'"):
         runner.check_methods(small_config(methods=["flowcutt"]))
     runner.check_methods(small_config(methods=["full", "flowcut", "snapkv"]))
@@ -277,7 +276,6 @@ def test_methods_are_checked_against_the_sieve_registry():
 
 def test_real_sieve_on_a_tiny_model(tmp_path):
     """Full and compressed cells through the real Sieve and generate, on a tiny random Llama."""
-    pytest.importorskip("flowsieve.sieve")
     model, tok = tiny_loader("tiny")
     cfg = SweepConfig(
         model="tiny",
@@ -636,20 +634,68 @@ def tiny_loader(name: str):
     return LlamaForCausalLM(cfg).eval(), CharTok()
 
 
-def test_ray_runs_cells_into_the_same_store(tmp_path):
-    ray = pytest.importorskip("ray")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+def test_ray_sweep_rows_equal_a_serial_run(tmp_path, monkeypatch):
+    """A real local Ray (one CPU, no dashboard), started and stopped by the runner: its rows equal a
+    serial run's cell for cell (timings aside), and a rerun finds every cell done."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tiny_loader, in each worker
+    # the runner calls ray.init(include_dashboard=False, log_to_driver=False); one CPU here, and
+    # every call recorded, so a sweep that quietly ran serially would fail below
+    inits, ray_init = [], ray.init
+    monkeypatch.setattr(ray, "init", lambda **kw: inits.append(kw) or ray_init(num_cpus=1, **kw))
     cfg = SweepConfig(
-        model="tiny", tasks=["needle"], lengths=[200], limit=2, max_new_tokens=3, chat=False, threads=1
+        model="tiny",
+        methods=["full", "snapkv"],
+        keeps=[0.5],
+        tasks=["needle"],
+        lengths=[200],
+        limit=2,
+        max_new_tokens=3,
+        chat=False,
+        threads=1,
     )
-    with Store(tmp_path / "r.sqlite") as store:
-        s = run_sweep(cfg, store, loader=tiny_loader, progress=False, ray_address="local", ray_workers=2)
-        assert (s.planned, s.written, s.failed) == (2, 2, 0), store.failures()
-        rows = store.rows()
-        assert {r["method"] for r in rows} == {FULL} and len({r["item_id"] for r in rows}) == 2
-        assert all(0.0 <= r["score"] <= 1.0 and r["new_tokens"] == 3 and r["prefill_s"] > 0 for r in rows)
+    timing = {"peak_rss_mb", "prefill_s", "decode_tok_s", "versions", "git_hash", "run_id", "created_at"}
+
+    def cells(store):
+        rows = sorted(store.rows(), key=lambda r: [str(r[c]) for c in IDENTITY])
+        for r in rows:
+            r["extra"] = {k: v for k, v in r["extra"].items() if not k.endswith("_s")}
+        return [{c: v for c, v in r.items() if c not in timing} for r in rows], rows
+
+    with Store(tmp_path / "serial.sqlite") as store:
+        s = run_sweep(cfg, store, loader=tiny_loader, progress=False)
+        assert (s.planned, s.written, s.failed) == (4, 4, 0), store.failures()
+        serial, _ = cells(store)
+    assert not ray.is_initialized() and inits == []
+    with Store(tmp_path / "ray.sqlite") as store:
+        s = run_sweep(cfg, store, loader=tiny_loader, progress=False, ray_address="local")
+        assert (s.planned, s.written, s.failed) == (4, 4, 0), store.failures()
+        assert inits == [{"include_dashboard": False, "log_to_driver": False}]
+        assert not ray.is_initialized()  # the runner stops the Ray it started
+        on_ray, rows = cells(store)
         again = run_sweep(cfg, store, loader=tiny_loader, progress=False, ray_address="local")
-        assert (again.already, again.written) == (2, 0)
+        assert (again.already, again.written) == (4, 0)
+    assert on_ray == serial
+    assert {(r["method"], r["keep"]) for r in rows} == {(FULL, 1.0), ("snapkv", 0.5)}
+    assert len({r["item_id"] for r in rows}) == 2
+    assert all(r["prefill_s"] > 0 and r["new_tokens"] == 3 for r in rows)
+    snap = [r for r in rows if r["method"] == "snapkv"]
+    assert all(r["kept_tokens"] < r["prompt_tokens"] and r["kv_bytes"] < r["kv_bytes_full"] for r in snap)
+
+
+def test_more_ray_workers_than_cpus_is_a_clear_error(tmp_path, monkeypatch):
+    """An actor holds its CPUs for life: workers beyond the cluster's CPUs would wait forever."""
+    import ray
+
+    ray_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda **kw: ray_init(num_cpus=1, **kw))
+    cfg = SweepConfig(model="tiny", methods=["full"], tasks=["needle"], lengths=[200], limit=2, threads=1)
+    with (
+        Store(tmp_path / "ray.sqlite") as store,
+        pytest.raises(FlowsieveError, match="2 Ray workers need 2 CPUs"),
+    ):
+        run_sweep(cfg, store, loader=tiny_loader, progress=False, ray_address="local", ray_workers=2)
     assert not ray.is_initialized()
 
 

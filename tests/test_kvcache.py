@@ -71,7 +71,7 @@ def test_layers_follow_config():
     assert llama.sieve_layers == [0, 1]
     assert gemma.sieve_layers == [2]  # sliding layers stay stock DynamicSlidingWindowLayer
     assert [type(x).__name__ for x in gemma.layers[:2]] == ["DynamicSlidingWindowLayer"] * 2
-    with pytest.raises(FlowsieveError):
+    with pytest.raises(FlowsieveError, match="needs a model or a config, got str"):
         SieveCache("llama")  # type: ignore[arg-type]
 
 
@@ -183,17 +183,17 @@ def test_keep_rejects_bad_indices():
     cache = SieveCache(model)
     with torch.no_grad():
         model(_ids(10), cache=cache)
-    for bad in (
-        torch.tensor([0, 10]),  # out of range
-        torch.tensor([1, 1, 2]),  # repeated
-        torch.tensor([[0, 1]]),  # 2-D
-        torch.zeros(1, 3, 2, dtype=torch.long),  # wrong head count
-        torch.tensor([0.0, 1.0]),  # not integer
+    for bad, msg in (
+        (torch.tensor([0, 10]), r"must lie in \[0, 10\)"),  # out of range
+        (torch.tensor([1, 1, 2]), "must not repeat"),  # repeated
+        (torch.tensor([[0, 1]]), r"indices of shape .* got \(1, 2\)"),  # 2-D
+        (torch.zeros(1, 3, 2, dtype=torch.long), r"Hk=2; got \(1, 3, 2\)"),  # wrong head count
+        (torch.tensor([0.0, 1.0]), "needs integer indices"),  # not integer
     ):
-        with pytest.raises(FlowsieveError):
+        with pytest.raises(FlowsieveError, match=msg):
             cache.keep(0, bad)
     assert cache.layer(0).stored_length == 10
-    with pytest.raises(FlowsieveError):
+    with pytest.raises(FlowsieveError, match="not an evictable full-attention layer"):
         SieveCache(tiny_gemma3()).keep(0, torch.tensor([0]))  # a sliding layer
 
 

@@ -33,17 +33,21 @@ def test_local_dir_without_model(tmp_path):
         load(str(tmp_path))
 
 
-def test_local_dir_tiny_model_roundtrip(tmp_path):
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    model.save_pretrained(tmp_path, safe_serialization=True)
+def _save_word_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(path)
+
+
+def test_local_dir_tiny_model_roundtrip(tmp_path):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    _save_word_tokenizer(tmp_path)
     loaded, _tok = load(str(tmp_path))
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert context_length(loaded) == 256
@@ -58,5 +62,6 @@ def test_pickle_only_checkpoint_refused(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(FlowsieveError):
+    _save_word_tokenizer(tmp_path)  # so the weights, not a missing tokenizer, are what fails
+    with pytest.raises(FlowsieveError, match=r"no file named model\.safetensors"):
         load(str(tmp_path))

@@ -118,7 +118,7 @@ def test_transitions_identity_ratio(tiny_causal):
 
 def test_hooks_removed_on_error(tiny_causal):
     _, model = tiny_causal
-    with pytest.raises(RuntimeError), observe(model, ObserveSpec(transitions=True)):
+    with pytest.raises(RuntimeError, match="boom"), observe(model, ObserveSpec(transitions=True)):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     for layer in model.model.layers:

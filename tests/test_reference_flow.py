@@ -93,8 +93,8 @@ def _ids(seed: int) -> list[int]:
     return torch.randint(0, 128, (T,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _prompt(seed: int) -> Prompt:
-    return Prompt(ids=tuple(_ids(seed)), context=(C0, C1), question=(C1, T), split=C1)
+def _prompt(seed: int, c0: int = C0) -> Prompt:
+    return Prompt(ids=tuple(_ids(seed)), context=(c0, C1), question=(C1, T), split=C1)
 
 
 # ------------------------------------------------------------------------------- the model's own maths
@@ -233,13 +233,19 @@ def _kept(cache, layer: int) -> list[set[int]]:
 
 
 def flowcut_prefill_reference(
-    refs: list[Ref], layers: list[int], *, ema: float = 0.5, normalise: str = "candidates", kernel: int = 1
+    refs: list[Ref],
+    layers: list[int],
+    *,
+    ema: float = 0.5,
+    normalise: str = "candidates",
+    kernel: int = 1,
+    context: tuple[int, ...] = CONTEXT,
 ) -> dict[int, list[float]]:
     """F_l per compressed layer: per relay r, rel_r = head-mean attention row and sem_r = KV-head-mean
     of softmax_{j<=r}(v_r . v_j / sqrt d), each scaled to sum 1 over the normalisation set (the
     candidates, or every entry); s_r = (rel_r + sem_r) * ||mean_hk v_j||_1 on that set; s = mean over
     relays (average-pooled over ``kernel`` neighbours), scaled to sum 1; F = EMA over the layers."""
-    span = list(CONTEXT) if normalise == "candidates" else list(range(T))
+    span = list(context) if normalise == "candidates" else list(range(T))
     out, F = {}, None
     for layer in layers:
         ref = refs[layer]
@@ -298,6 +304,23 @@ def test_flowcut_prefill_keeps_the_reference_top(name, case):
     for layer in layers:
         (got,) = _kept(cache, layer)
         assert_kept(got, F[layer], PROTECTED, round(keep * T), f"layer {layer}")
+
+
+@pytest.mark.parametrize(("kernel", "seed", "keep"), [(5, 1, 0.6), (5, 4, 0.3), (4, 4, 0.35)])
+def test_flowcut_kernel_pools_within_the_sequence(kernel, seed, keep):
+    """With the context from the first token, pooling reaches past the start of the sequence:
+    the average there is over the entries inside it (no zero padding). Prompts and keeps put
+    token 0 or 1 just above the cut."""
+    model = model_of("llama4")
+    refs = capture(model, _ids(seed))
+    context = tuple(range(0, C1))
+    protected = frozenset(range(C1, T))
+    F = flowcut_prefill_reference(refs, list(range(len(refs))), kernel=kernel, context=context)
+    sieve = Sieve("flowcut", keep=keep, options={"kernel": kernel})
+    cache, _, _ = prefill_with_sieve(model, _prompt(seed, c0=0), sieve, "query_aware")
+    for layer in cache.sieve_layers:
+        (got,) = _kept(cache, layer)
+        assert_kept(got, F[layer], protected, round(keep * T), f"layer {layer}")
 
 
 def test_flowcut_normalise_options_differ():

@@ -124,3 +124,8 @@ def test_prompt_without_question_protects_the_window():
     assert rows == tuple(range(34, 40))
     prot = protect_mask(p, 40, rows)
     assert prot.tolist() == [True, True] + [False] * 32 + [True] * 6
+
+
+def test_flowcut_prefill_options_are_refused_at_the_layer_site():
+    with pytest.raises(FlowsieveError, match="option 'kernel' applies at the prefill site only"):
+        Sieve("flowcut", keep=0.5, site="layer", options={"kernel": 5})

@@ -69,9 +69,16 @@ def test_trace_encoder_uses_cls(char_tok):
     assert torch.tensor(t["scores"]["relay_flow"]).shape[0] == 2
 
 
-@pytest.mark.parametrize("text,question", [("", None), ("   \n", None), ("text", "  ")])
-def test_empty_inputs(char_tok, text, question):
-    with pytest.raises(FlowsieveError):
+@pytest.mark.parametrize(
+    "text,question,msg",
+    [
+        ("", None, "the text is empty"),
+        ("   \n", None, "the text is empty"),
+        ("text", "  ", "the question is empty"),
+    ],
+)
+def test_empty_inputs(char_tok, text, question, msg):
+    with pytest.raises(FlowsieveError, match=msg):
         build_input(char_tok, text, question, True)
 
 
@@ -84,7 +91,7 @@ def test_too_long_for_context(char_tok):
 
 
 def test_bad_config():
-    with pytest.raises(FlowsieveError):
+    with pytest.raises(FlowsieveError, match=r"sink_alpha must be in \(0, 1\]"):
         TraceConfig(sink_alpha=0)
-    with pytest.raises(FlowsieveError):
+    with pytest.raises(FlowsieveError, match="chunk and row_stride must be >= 1"):
         TraceConfig(chunk=0)

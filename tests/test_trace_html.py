@@ -190,7 +190,7 @@ def test_non_finite_numbers_become_null():
 def test_minimal_and_bad_input():
     page = render_trace_html({})
     assert json.loads(_blob(page)) == {}
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="trace must be a dict, got list"):
         render_trace_html([])  # type: ignore[arg-type]
 
 

@@ -1458,9 +1458,16 @@ def _run_ray(
         started = True
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = workers or max(1, cpus // config.threads)
+        per_actor = min(config.threads, cpus)
+        # an actor holds its CPUs for its whole life: more than fit would never be scheduled
+        if workers is not None and workers > max(1, cpus // per_actor):
+            raise FlowsieveError(
+                f"{workers} Ray workers need {workers * per_actor} CPUs ({per_actor} each); "
+                f"the cluster has {cpus}: use fewer --ray-workers or --threads"
+            )
+        n = workers or cpus // per_actor
         n = max(1, min(n, len(jobs)))
-        actor = ray.remote(num_cpus=min(config.threads, cpus))(_RayWorker)
+        actor = ray.remote(num_cpus=per_actor)(_RayWorker)
         actors = [
             actor.remote(config.model, config.threads, config.chat, loader, config.agree_tokens)
             for _ in range(n)

@@ -249,7 +249,9 @@ class LongLLMLingua(SelfInfo):
         prefix_scores = torch.zeros(0)
         for w0 in range(0, len(seq), self.window):
             idx = seq[w0 : w0 + self.window]
-            s = torch.nan_to_num(self.window_scores(streams, [ids[t] for t in idx]), nan=math.inf)
+            s = torch.nan_to_num(
+                self.window_scores(streams, [ids[t] for t in idx]), nan=math.inf, posinf=math.inf
+            )
             pool = torch.cat([prefix_scores, s])
             r = ratio[idx]
             gamma = torch.empty(len(idx))

@@ -137,7 +137,7 @@ class SelfInfo(PromptScorer):
         for w0 in range(0, len(seq), self.window):
             idx = seq[w0 : w0 + self.window]
             s = self.window_scores(streams, [ids[t] for t in idx])
-            s = torch.nan_to_num(s, nan=math.inf)
+            s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf)
             gamma = gamma_threshold(torch.cat([prefix_scores, s]), tau)
             gammas.append(gamma)
             forced = doc.forced[idx]

@@ -5,7 +5,9 @@ Per layer, the relay queries (the observation rows: the question span in query-a
 last ``window`` tokens otherwise) give ``(rel + sem) * ||mean_h v||_1`` per token (relay attention
 and value-value attention, each head-averaged and then normalised over the candidates — the entries
 that may be evicted, not the protected BOS sink, chat template or question — as the paper
-normalises over the visual tokens only; see :func:`flowsieve.scorers.flow.flowcut_score`), averaged
+normalises over the visual tokens only; see :func:`flowsieve.scorers.flow.flowcut_score`; the
+value-value softmax is scaled by 1/√d as in the paper's LLM stage, not unscaled as in its CLIP
+path), averaged
 over the relay queries; scores are accumulated across layers with FlowCut's EMA (weight 0.5) so
 that a layer keeps what has carried information so far. Option ``normalise="all"`` normalises over
 every entry instead (the sink and the question then take part in both sums; an ablation, worse in
@@ -95,6 +97,13 @@ class FlowCutScorer(LayerPruner):
             acc = s if acc is None else (1 - self.ema) * acc + self.ema * s
             out.append(acc)
         return out
+
+    def check_layer_options(self) -> None:
+        """The layer site scores one layer with FlowCut's LLM-stage rule: no EMA, pooling or choice
+        of normalisation (both terms are softmaxes over the candidate span)."""
+        for name, default in (("ema", 0.5), ("kernel", 1), ("normalise", "candidates")):
+            if getattr(self, name) != default:
+                raise FlowsieveError(f"flowcut: option '{name}' applies at the prefill site only")
 
     def layer_plan(self, n_layers: int, keep: float) -> list[Stage]:
         return [(self.layer, keep)]
