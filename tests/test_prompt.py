@@ -10,6 +10,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import CharTokenizer, tiny_bert, tiny_gemma3, tiny_llama
+from test_prompt_reference import (
+    SUFFIX,
+    assert_cut,
+    assert_decided,
+    ids_of,
+    longllmlingua_reference,
+    question_nll,
+    selfinfo_reference,
+    sharp_llama,
+)
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.prompt import SCORERS, compress_prompt
@@ -103,6 +113,32 @@ def test_keep_one_is_identity(llama, scorer):
     r = compress_prompt(TEXT + "\n", scorer=scorer, keep=1.0, question=q, model=model, tokenizer=tok)
     assert r.text == (TEXT + "\n" if q is None else TEXT + "\n\n" + q)
     assert r.ratio == 1.0 and r.kept_mask.all()
+
+
+@pytest.mark.parametrize("scorer", ["selfinfo", "longllmlingua"])
+def test_keep_below_one_runs_the_scorer_as_the_reference(scorer):
+    """Below keep = 1 the scorer runs (the identity above returns before it): the kept tokens are the
+    brute-force reference's (test_prompt_reference.py), window after window. The LM head is scaled
+    up so that no keep decision is a near-tie."""
+    from flowsieve.prompt.longllmlingua import LongLLMLingua
+    from flowsieve.prompt.selfinfo import SelfInfo
+
+    model, tok = sharp_llama(), CharTokenizer()
+    keep, text = 0.4, SHORT + "\n"
+    doc = build_doc(tok, text, QUESTION, keep)
+    if scorer == "selfinfo":
+        sc, ref = SelfInfo(window=64), selfinfo_reference(model, doc, 64)
+    else:
+        sc = LongLLMLingua(window=64)
+        ref = longllmlingua_reference(model, doc, sc)
+    assert_decided(ref.margin, doc.forced)
+    scores = sc.score(doc, model)
+    assert scores.tier.tolist() == ref.tier and 1 in ref.tier and 2 in ref.tier
+    r = compress_prompt(
+        text, scorer=scorer, keep=keep, question=QUESTION, model=model, tokenizer=tok, window=64
+    )
+    assert abs(r.ratio - keep) <= 0.03 and r.text.endswith("\n\n" + QUESTION)
+    assert_cut(r.kept_mask[: doc.n_context], ref.tier, ref.priority, doc.forced)
 
 
 @pytest.mark.parametrize("scorer", [*LM_SCORERS, "lexrank"])
@@ -577,7 +613,7 @@ def test_longllmlingua_dynamic_ratios():
 
 
 def test_longllmlingua_coarse_keeps_whole_segments_in_rank_order(llama):
-    """The real ranking (checked against a brute-force question NLL in test_prompt_reference.py)."""
+    """The real ranking: the mean NLL of question + suffix given the segment, by a full forward."""
     from flowsieve.prompt.longllmlingua import LongLLMLingua
 
     model, tok = llama
@@ -586,7 +622,9 @@ def test_longllmlingua_coarse_keeps_whole_segments_in_rank_order(llama):
     sc = LongLLMLingua(segment_tokens=60)
     spans = sc.segments(doc)
     order = sc.rank_paragraphs(doc, model, spans)
-    assert sorted(order) == list(range(len(spans)))
+    sep, q = ids_of(tok, "\n\n"), ids_of(tok, CODE_QUESTION + SUFFIX)
+    nll = [question_nll(model, doc.context_ids[a:b], sep, q) for a, b in spans]
+    assert order == sorted(range(len(spans)), key=lambda i: nll[i])
     scores = sc.score(doc, model)
     kept = scores.extra["segments_kept"]
     # whole segments in rank order until T* + slack is used up (the last one crosses it)

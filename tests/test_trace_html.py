@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import random
@@ -11,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
@@ -192,6 +195,79 @@ def test_minimal_and_bad_input():
     assert json.loads(_blob(page)) == {}
     with pytest.raises(TypeError, match="trace must be a dict, got list"):
         render_trace_html([])  # type: ignore[arg-type]
+
+
+def _asset(name: str) -> str:
+    return resources.files("flowsieve").joinpath("assets", name).read_text(encoding="ascii")
+
+
+def _unbalanced(text: str, js: bool) -> str | None:
+    """The first bracket or literal problem in ``text`` (CSS, or ``js``), skipping strings and comments."""
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[tuple[str, int]] = []
+    i, n, prev = 0, len(text), "("
+    while i < n:
+        c = text[i]
+        if text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end < 0:
+                return f"unclosed comment at {i}"
+            i = end + 2
+            continue
+        if js and text.startswith("//", i):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        if c in "'\"" or (js and c == "/" and prev in "(,=:[!&|?{};+-*%<>~^"):
+            j = i + 1
+            in_class = False
+            while j < n and (text[j] != c or in_class):
+                if text[j] == "\\":
+                    j += 1
+                elif text[j] == "\n":
+                    return f"unterminated literal at {i}"
+                elif c == "/" and text[j] in "[]":
+                    in_class = text[j] == "["
+                j += 1
+            if j >= n:
+                return f"unterminated literal at {i}"
+            i, prev = j + 1, "a"
+            continue
+        if c in "([{":
+            stack.append((c, i))
+        elif c in ")]}":
+            if not stack or stack.pop()[0] != pairs[c]:
+                return f"unmatched {c!r} at {i}"
+        if not c.isspace():
+            prev = c
+        i += 1
+    return f"unclosed {stack[-1][0]!r} at {stack[-1][1]}" if stack else None
+
+
+def test_page_embeds_the_asset_files():
+    css, js = _asset("trace.css"), _asset("trace.js")
+    page = render_trace_html(make_trace())
+    styles = re.findall(r"<style>(.*?)</style>", page, re.S)
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert styles == ["\n" + css]
+    assert scripts == ["\n" + js]
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode("ascii")).digest()).decode("ascii")
+    assert f"script-src 'sha256-{digest}';" in page
+    for text in (css, js):
+        assert text.endswith("\n") and "\t" not in text
+        assert not re.search(r"</(script|style)", text, re.I)  # nothing closes the element early
+        assert not re.search(r"https?:|@import|url\(", text, re.I)
+
+
+def test_asset_files_are_well_formed():
+    css, js = _asset("trace.css"), _asset("trace.js")
+    assert _unbalanced(css, js=False) is None
+    assert _unbalanced(js, js=True) is None
+    assert js.startswith('(function () {\n  "use strict";\n') and js.endswith("})();\n")
+    assert _unbalanced("var a = [1, (2];", js=True) == "unmatched ']' at 14"
+    assert _unbalanced('var s = "x;\n', js=True) == "unterminated literal at 8"
+    assert _unbalanced("var r = /[)]/; f(r", js=True) == "unclosed '(' at 16"
+    assert _unbalanced("a { color: red; } /* open", js=False) == "unclosed comment at 18"
 
 
 # ---------------------------------------------------------------- Chromium

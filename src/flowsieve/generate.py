@@ -574,7 +574,7 @@ def prefill_with_sieve(
                 input_ids=torch.tensor([head[a:b]]), cache=cache, use_cache=True, logits_to_keep=1
             ).logits
         peak_entries = max(peak_entries, max(cache.stored_lengths()))
-        if b == T or max(cache.stored_lengths()) > k:
+        if b == T or sieve.scorer.carries or max(cache.stored_lengths()) > k:
             # the window of every chunk is kept at that step; at the end only the final window
             prot = protect[:b].clone()
             prot[win[0] : b] = True
