@@ -8,7 +8,7 @@ import torch
 torch.set_num_threads(2)
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -16,7 +16,7 @@ def tiny_llama(seed: int = 0):
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

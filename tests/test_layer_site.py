@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.generate import Prompt, generate
@@ -24,20 +25,7 @@ T, C0, C1, Q0 = 48, 3, 36, 38  # prompt length, context span [C0, C1), question 
 
 
 def llama4():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(0, layers=4)
 
 
 def gemma6():

@@ -52,20 +52,7 @@ def sharpen(model, qk: float, v: float = 8.0):
 
 
 def llama4():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(0, layers=4)
 
 
 BUILD = {

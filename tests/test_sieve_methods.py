@@ -563,20 +563,9 @@ def test_pyramid_keeps_the_top_of_window_attention_per_layer():
     the context entries with the highest SnapKV score, recomputed here from eager attention (the
     question rows summed, avg-pooled over 5 with zero padding, averaged over each KV head's query
     heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(0, layers=4)
     T, c0, c1, keep = 48, 3, 38, 0.5
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1, T), split=c1)
     cache, _, extra = prefill_with_sieve(model, p, Sieve("pyramid", keep=keep, window=6), "query_aware")
