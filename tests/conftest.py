@@ -64,6 +64,21 @@ def tiny_bert(seed: int = 0):
 TINY = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
+@torch.no_grad()
+def sharpen(model, qk: float, v: float = 8.0):
+    """For reference tests: scale attention logits (by about ``qk**2``) and values (by ``v``) of every layer."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, "q_norm"):  # Gemma-3 RMS-normalises q and k per head; the gain is (1 + w)
+            attn.q_norm.weight.add_(qk - 1.0)
+            attn.k_norm.weight.add_(qk - 1.0)
+        else:
+            attn.q_proj.weight.mul_(qk)
+            attn.k_proj.weight.mul_(qk)
+        attn.v_proj.weight.mul_(v)
+    return model
+
+
 @pytest.fixture(params=sorted(TINY))
 def tiny_causal(request):
     return request.param, TINY[request.param]()

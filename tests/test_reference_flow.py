@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import tiny_gemma3, tiny_llama
+from conftest import sharpen, tiny_gemma3, tiny_llama
 
 from flowsieve.generate import Prompt, prefill_with_sieve
 from flowsieve.sieve import Sieve
@@ -34,21 +34,6 @@ NEG = float("-inf")
 
 
 # --------------------------------------------------------------------------------------- models
-
-
-@torch.no_grad()
-def sharpen(model, qk: float, v: float = 8.0):
-    """Scale attention logits (by about ``qk**2``) and values (by ``v``) of every layer."""
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        if hasattr(attn, "q_norm"):  # Gemma-3 RMS-normalises q and k per head; the gain is (1 + w)
-            attn.q_norm.weight.add_(qk - 1.0)
-            attn.k_norm.weight.add_(qk - 1.0)
-        else:
-            attn.q_proj.weight.mul_(qk)
-            attn.k_proj.weight.mul_(qk)
-        attn.v_proj.weight.mul_(v)
-    return model
 
 
 def llama4():

@@ -25,7 +25,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gemma3, tiny_llama
+from conftest import sharpen, tiny_gemma3, tiny_llama
 
 from flowsieve.errors import FlowsieveError
 from flowsieve.generate import DecodeEvictor, Prompt, prefill_with_sieve
@@ -41,21 +41,6 @@ REF_ATTN = "reference_kv_eager"
 
 
 # --------------------------------------------------------------------------------------- models
-
-
-@torch.no_grad()
-def sharpen(model, qk: float, v: float = 8.0):
-    """Scale attention logits (by about ``qk**2``) and values (by ``v``) of every layer."""
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        if hasattr(attn, "q_norm"):  # Gemma-3 RMS-normalises q and k per head; the gain is (1 + w)
-            attn.q_norm.weight.add_(qk - 1.0)
-            attn.k_norm.weight.add_(qk - 1.0)
-        else:
-            attn.q_proj.weight.mul_(qk)
-            attn.k_proj.weight.mul_(qk)
-        attn.v_proj.weight.mul_(v)
-    return model
 
 
 BUILD = {

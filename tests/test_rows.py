@@ -15,6 +15,20 @@ CTX = "The lamp keeper slept while the storm broke the shutters of the old mill.
 LONG_Q = "Which of the people in the story was asleep while the storm broke the shutters of the mill?"
 
 
+@pytest.fixture
+def seen(monkeypatch) -> list[tuple[int, ...]]:
+    """The observation rows of every ``Sieve.observe_spec`` call, in order."""
+    rows: list[tuple[int, ...]] = []
+    real = Sieve.observe_spec
+
+    def spy(self: Sieve, window: tuple[int, ...], layers=None) -> ObserveSpec:
+        rows.append(tuple(window))
+        return real(self, window, layers)
+
+    monkeypatch.setattr(Sieve, "observe_spec", spy)
+    return rows
+
+
 def test_question_rows_are_the_whole_question_span(char_tok):
     p = build_prompt(char_tok, CTX, LONG_Q, chat=False)
     s = Sieve("snapkv", keep=0.5, window=8)
@@ -41,17 +55,9 @@ def test_query_aware_protects_no_context_token(char_tok):
     assert prot_w[c1 - 5 : c1].all() and not prot_w[c0 : c1 - 5].any() and len(win) == 32
 
 
-def test_prefill_observes_the_question_span(tiny_causal, char_tok, monkeypatch):
+def test_prefill_observes_the_question_span(tiny_causal, char_tok, seen):
     _, model = tiny_causal
     p = build_prompt(char_tok, CTX, LONG_Q, chat=False)
-    seen: list[tuple[int, ...]] = []
-    real = Sieve.observe_spec
-
-    def spy(self: Sieve, window: tuple[int, ...], layers=None) -> ObserveSpec:
-        seen.append(tuple(window))
-        return real(self, window, layers)
-
-    monkeypatch.setattr(Sieve, "observe_spec", spy)
     cache, _, extra = prefill_with_sieve(model, p, Sieve("flowcut", keep=0.5, window=8), "query_aware")
     assert seen == [tuple(range(p.question[0], len(p)))]
     # protected: exactly what lies outside the context
@@ -92,15 +98,7 @@ def test_rows_change_what_is_kept(tiny_llama_model, char_tok):
     assert not torch.equal(kept["question"], kept["window"])
 
 
-def test_on_observes_the_declared_question(tiny_llama_model, monkeypatch):
-    seen: list[tuple[int, ...]] = []
-    real = Sieve.observe_spec
-
-    def spy(self: Sieve, window: tuple[int, ...], layers=None) -> ObserveSpec:
-        seen.append(tuple(window))
-        return real(self, window, layers)
-
-    monkeypatch.setattr(Sieve, "observe_spec", spy)
+def test_on_observes_the_declared_question(tiny_llama_model, seen):
     ids = torch.arange(1, 61)[None] % 120
     for protect_last, want in ((12, range(48, 60)), (0, range(56, 60))):
         with Sieve("snapkv", keep=0.5, window=4).on(tiny_llama_model, protect_last=protect_last):
