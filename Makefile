@@ -15,12 +15,12 @@ trace: setup
 		--json out/trace.json --html out/trace.html
 
 test: dev
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check src tests benchmarks
 	OMP_NUM_THREADS=2 .venv/bin/python -m pytest -q
 
 lint: dev
-	.venv/bin/ruff check src tests bench
-	.venv/bin/ruff format --check src tests bench
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
 
 bench-trace: setup
-	.venv/bin/python bench/trace_overhead.py --tokens 4096
+	.venv/bin/python benchmarks/trace_overhead.py --tokens 4096

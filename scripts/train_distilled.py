@@ -24,9 +24,9 @@ import torch
 
 from flowsieve.bench.tasks.data import essay_sentences, load_json
 from flowsieve.models import load
-from flowsieve.prompt import compress_prompt
-from flowsieve.prompt.base import build_doc
-from flowsieve.prompt.distilled import (
+from flowsieve.sites.prompt import compress_prompt
+from flowsieve.methods.prompt.base import build_doc
+from flowsieve.methods.prompt.distilled import (
     DEFAULT_HEAD,
     Distilled,
     TrainConfig,

@@ -10,11 +10,12 @@ import pytest
 import torch
 from test_bench_runner import tiny_loader  # the tiny Llama + character tokenizer of the runner tests
 
-import flowsieve.generate as gen
-from flowsieve.bench import runner
-from flowsieve.bench.runner import Cell, Job, SweepConfig, run_sweep
+from flowsieve.bench import cells, references
+from flowsieve.bench.config import Cell, Job, SweepConfig
+from flowsieve.bench.runner import run_sweep
 from flowsieve.bench.store import ADDED, FULL, Store
 from flowsieve.bench.tasks import get_task
+from flowsieve.inputs import build_prompt
 
 
 def sweep(tmp_path, name="r", **kw):
@@ -75,22 +76,22 @@ def test_a_missing_reference_is_recomputed(tmp_path):
     cell = Cell(
         "tiny", "flowsieve", "snapkv", "prefill", 0.25, 0, "needle", item.item_id, "query_agnostic", 0, 4
     )
-    runner._REFERENCES.clear()
-    row = runner.execute(Job(cell, task, item), model, tok, chat=False)
+    references._REFERENCES.clear()
+    row = cells.execute(Job(cell, task, item), model, tok, chat=False)
     want = rows[("snapkv", "prefill", 0.25, "query_agnostic")]
     assert row["kl_answer_start"] == pytest.approx(want["kl_answer_start"], rel=1e-5)
     assert row["token_agreement"] == want["token_agreement"]
 
 
 def test_agreement_and_kl_helpers():
-    assert runner.token_agreement([1, 2, 3, 4], [1, 2, 9, 4], 4) == 0.5
-    assert runner.token_agreement([1, 2], [1, 2, 3, 4, 5], 2) == 1.0
-    assert runner.token_agreement([], [1], 3) == 0.0 and runner.token_agreement([1], [], 3) is None
+    assert references.token_agreement([1, 2, 3, 4], [1, 2, 9, 4], 4) == 0.5
+    assert references.token_agreement([1, 2], [1, 2, 3, 4, 5], 2) == 1.0
+    assert references.token_agreement([], [1], 3) == 0.0 and references.token_agreement([1], [], 3) is None
     p = torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]), -1)
     q = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0]), -1)
     want = float((p.exp() * (p - q)).sum())
-    assert runner.kl_divergence(p, q) == pytest.approx(want) and runner.kl_divergence(p, p) == 0.0
-    assert runner.kl_divergence(p, None) is None
+    assert references.kl_divergence(p, q) == pytest.approx(want) and references.kl_divergence(p, p) == 0.0
+    assert references.kl_divergence(p, None) is None
 
 
 # --- lm --------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def test_agreement_and_kl_helpers():
 
 def plain_bits_per_byte(model, tok, item) -> float:
     """Bits per byte of the continuation from one plain forward pass over context + continuation."""
-    ctx = list(gen.build_prompt(tok, item.context, None, chat=False).ids)
+    ctx = list(build_prompt(tok, item.context, None, chat=False).ids)
     cont = tok(item.answers[0], add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
@@ -110,7 +111,7 @@ def plain_bits_per_byte(model, tok, item) -> float:
 def test_lm_full_context_bits_per_byte_match_plain_logits():
     model, tok = tiny_loader("tiny")
     item = get_task("lm", length=200, continuation=50).items(tok, 1, seed=3)[0]
-    result, first = runner.run_lm(model, tok, item)
+    result, first = cells.run_lm(model, tok, item)
     assert abs(result["bits_per_byte"] - plain_bits_per_byte(model, tok, item)) <= 1e-5
     n = len(tok(item.answers[0])["input_ids"])
     assert result["extra"]["scored_tokens"] == n >= 50 and result["new_tokens"] == 0
@@ -121,10 +122,10 @@ def test_lm_full_context_bits_per_byte_match_plain_logits():
 def test_lm_keep_one_matches_the_full_context(site):
     model, tok = tiny_loader("tiny")
     item = get_task("lm", length=200, continuation=30).items(tok, 1)[0]
-    full, lp_full = runner.run_lm(model, tok, item)
-    same, lp_same = runner.run_lm(model, tok, item, "h2o", site, 1.0)
+    full, lp_full = cells.run_lm(model, tok, item)
+    same, lp_same = cells.run_lm(model, tok, item, "h2o", site, 1.0)
     assert same["bits_per_byte"] == pytest.approx(full["bits_per_byte"], abs=1e-5)
-    assert runner.kl_divergence(lp_full, lp_same) == pytest.approx(0.0, abs=1e-6)
+    assert references.kl_divergence(lp_full, lp_same) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_lm_sweep_writes_bits_per_byte(tmp_path):

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from flowsieve import FlowsieveError
-from flowsieve.bench.report import line_label, pareto_front, sections, task_label, write_report
+from flowsieve.bench.report import write_report
+from flowsieve.bench.report_data import line_label, sections, task_label
+from flowsieve.bench.report_plots import pareto_front
 from flowsieve.bench.store import Store
 
 EVIL = "<script>document.title='PWNED'</script>"
@@ -227,7 +229,7 @@ def test_ratios_against_the_same_items(index):
 
 
 def test_word_agreement():
-    from flowsieve.bench.report import _prefix_agreement, _words
+    from flowsieve.bench.report_data import _prefix_agreement, _words
 
     full, half = _words("The code is 4817."), _words("the code is: 48")
     assert _prefix_agreement(half, full) == 0.75 and _prefix_agreement(full, full) == 1.0
@@ -336,7 +338,7 @@ def test_markdown_tables(index):
 def test_new_measures_and_lm_columns(tmp_path):
     """token_agreement and kl_answer_start as columns of every ratio table; bits per byte and
     Information Capacity where the section is the lm task."""
-    from flowsieve.bench.report import information_capacity
+    from flowsieve.bench.report_data import information_capacity
     from flowsieve.bench.tasks.lm import information_capacity as ic
 
     path = tmp_path / "r.sqlite"

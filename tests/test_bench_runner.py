@@ -21,10 +21,12 @@ import torch
 import flowsieve.cli as fs_cli
 import flowsieve.generate as gen
 from flowsieve import FlowsieveError
-from flowsieve.bench import runner
-from flowsieve.bench.cli import parse_params, parse_peers
-from flowsieve.bench.runner import SweepConfig, check_methods, parse_method, plan, run_sweep
+from flowsieve.bench import cells, runner
+from flowsieve.bench import config as bench_config
+from flowsieve.bench.config import SweepConfig, check_methods, parse_method, plan
+from flowsieve.bench.runner import run_sweep
 from flowsieve.bench.store import FULL, IDENTITY, Store
+from flowsieve.cli.bench import parse_params, parse_peers
 from flowsieve.generate import GenResult
 
 TESTS = Path(__file__).resolve().parent
@@ -96,7 +98,7 @@ def install_fakes(sleep: float = 0.0) -> None:
     """Replace the model runs (for the subprocess of the kill test)."""
     SLEEP["s"] = sleep
     gen.generate = fake_generate
-    runner.run_compressed = fake_run_compressed
+    cells.run_compressed = fake_run_compressed
     runner.check_methods = lambda config: None
 
 
@@ -105,8 +107,9 @@ def fakes(monkeypatch):
     CALLS.clear()
     SLEEP["s"] = 0.0
     monkeypatch.setattr(gen, "generate", fake_generate)
-    monkeypatch.setattr(runner, "run_compressed", fake_run_compressed)
-    monkeypatch.setattr(runner, "check_methods", lambda config: None)
+    monkeypatch.setattr(cells, "run_compressed", fake_run_compressed)
+    monkeypatch.setattr(runner, "check_methods", lambda config: None)  # run_sweep's
+    monkeypatch.setattr(bench_config, "check_methods", lambda config: None)  # the CLI's
     return CALLS
 
 
@@ -246,7 +249,7 @@ def test_failed_cells_are_recorded_and_retried(fakes, tmp_path, monkeypatch):
         def fixed(model, tok, item, method, *a, **kw):
             return fake_run_compressed(model, tok, item, "fixed", *a, **kw)
 
-        monkeypatch.setattr(runner, "run_compressed", fixed)
+        monkeypatch.setattr(cells, "run_compressed", fixed)
         s = sweep(cfg, store)
         assert (s.already, s.written, s.failed) == (2, 2, 0)
         assert store.failures() == []
@@ -256,10 +259,10 @@ def test_unavailable_method_fails_before_running(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "flowsieve.sieve", None)  # as if flowsieve.sieve did not exist
     cfg = small_config(methods=["full", "flowcut"])
     with pytest.raises(FlowsieveError, match="method 'flowcut' is not available"):
-        runner.check_methods(cfg)
+        check_methods(cfg)
     item = plan(cfg, WordTokenizer())[0].item
     with pytest.raises(FlowsieveError, match="method 'flowcut' is not available"):
-        runner.run_compressed(
+        cells.run_compressed(
             object(), WordTokenizer(), item, "flowcut", "prefill", 0.5, None, "query_aware", 8
         )
     with Store(tmp_path / "r.sqlite") as store:
@@ -270,8 +273,8 @@ def test_unavailable_method_fails_before_running(monkeypatch, tmp_path):
 
 def test_methods_are_checked_against_the_sieve_registry():
     with pytest.raises(FlowsieveError, match=r"unknown method 'flowcutt' \(did you mean 'flowcut'"):
-        runner.check_methods(small_config(methods=["flowcutt"]))
-    runner.check_methods(small_config(methods=["full", "flowcut", "snapkv"]))
+        check_methods(small_config(methods=["flowcutt"]))
+    check_methods(small_config(methods=["full", "flowcut", "snapkv"]))
 
 
 def test_real_sieve_on_a_tiny_model(tmp_path):
@@ -418,7 +421,7 @@ def test_run_compressed_goes_through_the_sieve(monkeypatch):
     monkeypatch.setitem(sys.modules, "flowsieve.sieve", types.SimpleNamespace(Sieve=Sieve))
     monkeypatch.setattr(gen, "generate", generate_with_sieve)
     item = plan(small_config(), WordTokenizer())[0].item
-    out = runner.run_compressed(object(), None, item, "tova", "decode", None, 64, "query_agnostic", 12)
+    out = cells.run_compressed(object(), None, item, "tova", "decode", None, 64, "query_agnostic", 12)
     assert out.text == "x"
     assert seen == {"sieve": ("tova", None, 64, "decode"), "generate": ("Sieve", "query_agnostic", 12)}
 
@@ -509,9 +512,8 @@ def test_prompt_peer_with_a_compressor_is_answered_by_the_sweep_model(fakes, mon
     peers = types.ModuleType("flowsieve.bench.peers")
     peers.run_peer = run_peer
     monkeypatch.setitem(sys.modules, "flowsieve.bench.peers", peers)
-    monkeypatch.setattr(gen, "build_prompt", lambda tok, c, q, chat=True: list(range(len(c.split()) + 5)))
-    monkeypatch.setattr(gen, "full_kv_bytes", lambda model, n, b=4: 10 * n)
-    monkeypatch.setattr(gen, "_dtype_bytes", lambda model: 4)
+    monkeypatch.setattr(runner, "build_prompt", lambda tok, c, q, chat=True: list(range(len(c.split()) + 5)))
+    monkeypatch.setattr(runner, "full_kv_bytes", lambda model, n: 10 * n)
     cfg = small_config(
         methods=["full"],
         modes=["query_aware"],

@@ -7,10 +7,11 @@ import torch
 from transformers import GenerationConfig
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import generate, generate_many, merge_specs
+from flowsieve.generate import generate, generate_many
+from flowsieve.methods import METHODS
 from flowsieve.observe import ObserveSpec
 from flowsieve.sieve import Sieve
-from flowsieve.sieves import METHODS
+from flowsieve.sites.prefill import merge_specs
 
 CTX = "The quick brown fox jumps over the lazy dog while the lamp keeper sleeps. " * 2
 Q = "who sleeps?"

@@ -8,11 +8,13 @@ import torch
 from conftest import CharTokenizer
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, prefill_with_sieve, replay_observe
+from flowsieve.inputs import Prompt
 from flowsieve.kvcache import SieveCache
+from flowsieve.methods import ScoreContext
+from flowsieve.methods.kvzip import FIRST_REQUEST, NEXT_REQUEST
 from flowsieve.sieve import Sieve
-from flowsieve.sieves import ScoreContext
-from flowsieve.sieves.kvzip import FIRST_REQUEST, NEXT_REQUEST
+from flowsieve.sites import prefill_cache
+from flowsieve.sites.prefill import replay_observe
 
 
 def _ids(T: int, seed: int = 2) -> list[int]:
@@ -93,9 +95,10 @@ def test_sinks_kept_and_scores_shared_by_no_question(tiny_llama_model):
     T, c0, c1 = 48, 0, 38
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1, T), split=c1)
     sieve = Sieve("kvzip", keep=0.3, window=4)
-    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_agnostic", CharTokenizer(), chat=False)
+    pre = prefill_cache(model, p, sieve, "query_agnostic", CharTokenizer(), chat=False)
+    cache = pre.cache
     for li in cache.sieve_layers:
-        pos = cache.layer(li).positions[..., : extra["kept_entries"] - (T - c1)]
+        pos = cache.layer(li).positions[..., : pre.kept - (T - c1)]
         for row in pos.reshape(-1, pos.shape[-1]):
             assert set(range(4)) <= set(row.tolist())
 
@@ -142,11 +145,9 @@ def test_refused_where_it_cannot_run(tiny_llama_model):
     model = tiny_llama_model
     p = Prompt(ids=tuple(_ids(40)), context=(0, 30), question=(30, 40), split=30)
     with pytest.raises(FlowsieveError, match="needs the tokenizer"):
-        prefill_with_sieve(model, p, Sieve("kvzip", keep=0.5), "query_aware")
+        prefill_cache(model, p, Sieve("kvzip", keep=0.5), "query_aware")
     with pytest.raises(FlowsieveError, match="no chunked prefill"):
-        prefill_with_sieve(
-            model, p, Sieve("kvzip", keep=0.5, chunk=32), "query_aware", CharTokenizer(), False
-        )
+        prefill_cache(model, p, Sieve("kvzip", keep=0.5, chunk=32), "query_aware", CharTokenizer(), False)
     with pytest.raises(FlowsieveError, match=r"not Sieve\.on"):
         with Sieve("kvzip", keep=0.5).on(model):
             pass

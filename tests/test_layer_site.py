@@ -13,12 +13,15 @@ import torch
 from conftest import tiny_llama
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, generate
-from flowsieve.layer_site import LayerRuntime, LayerSiteCache, positional_mask, prefill_layer_site
+from flowsieve.generate import generate
+from flowsieve.inputs import Prompt
+from flowsieve.methods import METHODS
+from flowsieve.methods.layer import check_plan, merge_stages
 from flowsieve.observe import decoder_layers
 from flowsieve.sieve import Sieve
-from flowsieve.sieves import METHODS
-from flowsieve.sieves.layer import check_plan, merge_stages
+from flowsieve.sites.base import Prefilled
+from flowsieve.sites.layer import LayerSite
+from flowsieve.stream import LayerRuntime, LayerSiteCache, positional_mask
 
 LAYER_METHODS = sorted(n for n, c in METHODS.items() if "layer" in c.sites)
 T, C0, C1, Q0 = 48, 3, 36, 38  # prompt length, context span [C0, C1), question from Q0
@@ -135,9 +138,10 @@ def masked_logits(model, ids: list[int], dropped: list[tuple[int, set[int]]]) ->
 
 
 @torch.inference_mode()
-def _greedy(model, cache, logits, runtime, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    toks, outs = [], [logits[0, -1]]
-    with runtime.active():
+def _greedy(model, pre: Prefilled, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    cache = pre.cache
+    toks, outs = [], [pre.logits[0, -1]]
+    with pre.decoding():
         for _ in range(steps):
             toks.append(int(outs[-1].argmax()))
             outs.append(
@@ -157,11 +161,11 @@ def test_keep_one_reproduces_the_model(family, method, char_tok):
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor([p.ids])).logits[0, -1]
     for mode in ("query_aware", "query_agnostic"):
-        cache, logits, extra = prefill_layer_site(model, p, _sieve(fam, method, 1.0), mode)
-        torch.testing.assert_close(logits[0, -1], ref, atol=1e-5, rtol=0)
-        assert all(st["context_kept"] == C1 - C0 for st in extra["stages"])
+        pre = LayerSite().prefill(model, p, _sieve(fam, method, 1.0), mode)
+        torch.testing.assert_close(pre.logits[0, -1], ref, atol=1e-5, rtol=0)
+        assert all(st["context_kept"] == C1 - C0 for st in pre.extra["stages"])
         types = _types(model)
-        assert all(n == T for n, t in zip(cache.stored_lengths(), types) if t == "full_attention")
+        assert all(n == T for n, t in zip(pre.cache.stored_lengths(), types) if t == "full_attention")
     ctx = "the quick brown fox jumps over the lazy dog " * 2
     plain = generate(model, char_tok, ctx, "what jumps?", chat=False, max_new_tokens=6, instruction=None)
     same = generate(
@@ -188,14 +192,15 @@ def test_kept_counts_positions_and_protected_tokens(family, method, keep):
     p = _prompt()
     sieve = _sieve(fam, method, keep)
     plan = _plan(model, sieve)
-    cache, _, extra = prefill_layer_site(model, p, sieve, "query_aware")
+    pre = LayerSite().prefill(model, p, sieve, "query_aware")
+    cache, extra = pre.cache, pre.extra
     n = C1 - C0
     targets = [round(n * share) for _, share in plan]
     assert targets[-1] == round(n * keep)  # the last stage keeps `keep` of the context
     assert [st["layer"] for st in extra["stages"]] == [K for K, _ in plan]
     assert [st["context_kept"] for st in extra["stages"]] == targets
     assert [st["tokens"] for st in extra["stages"]] == [t + T - n for t in targets]
-    assert extra["kept_entries"] == targets[-1] + T - n
+    assert pre.kept == targets[-1] + T - n
     kept = _kept_per_stage(model, cache, plan)
     non_context = set(range(C0)) | set(range(C1, T))
     types = _types(model)
@@ -250,11 +255,12 @@ def test_prefill_and_decode_match_the_masked_reference(family, method):
     p = _prompt()
     sieve = _sieve(fam, method, 0.25)
     plan = _plan(model, sieve)
-    cache, logits, extra = prefill_layer_site(model, p, sieve, "query_aware")
+    pre = LayerSite().prefill(model, p, sieve, "query_aware")
+    cache = pre.cache
     kept = _kept_per_stage(model, cache, plan)
     dropped = [(K, set(range(T)) - ks) for (K, _), ks in zip(plan, kept)]
     assert dropped[-1][1]  # something was dropped
-    toks, outs = _greedy(model, cache, logits, extra["layer_runtime"], 4)
+    toks, outs = _greedy(model, pre, 4)
     ref = masked_logits(model, list(p.ids) + toks[:-1], dropped)
     for j, out in enumerate(outs[:-1]):
         torch.testing.assert_close(out, ref[T - 1 + j], atol=1e-5, rtol=0)
@@ -273,7 +279,8 @@ def test_query_agnostic_tail_matches_the_masked_reference(family, method):
     p = _prompt()
     sieve = _sieve(fam, method, 0.5)
     plan = _plan(model, sieve)
-    cache, logits, extra = prefill_layer_site(model, p, sieve, "query_agnostic")
+    pre = LayerSite().prefill(model, p, sieve, "query_agnostic")
+    cache, logits, extra = pre.cache, pre.logits, pre.extra
     head = C1  # the split
     kept = _kept_per_stage(model, cache, plan)
     assert all(set(range(C1 - 4, C1)) <= ks for ks in kept)  # the relay window stays
@@ -284,7 +291,7 @@ def test_query_agnostic_tail_matches_the_masked_reference(family, method):
     )
     ref = masked_logits(model, list(p.ids), dropped)
     torch.testing.assert_close(logits[0, -1], ref[T - 1], atol=1e-5, rtol=0)
-    assert extra["kept_entries"] == extra["stages"][-1]["tokens"] + (T - head)
+    assert pre.kept == extra["stages"][-1]["tokens"] + (T - head)
 
 
 # ---------------------------------------------------------------------------------- method rules
@@ -298,7 +305,7 @@ def test_first_stage_keeps_the_top_of_the_last_row(family, method):
     p = _prompt()
     sieve = _sieve(fam, method, 0.25)
     plan = _plan(model, sieve)
-    cache, _, _ = prefill_layer_site(model, p, sieve, "query_aware")
+    cache = LayerSite().prefill(model, p, sieve, "query_aware").cache
     K, share = plan[0]
     types = _types(model)
     sl = max(j for j in range(K) if types[j] == "full_attention")
@@ -315,8 +322,8 @@ def test_first_stage_keeps_the_top_of_the_last_row(family, method):
 
 
 def test_plans_follow_the_papers():
-    from flowsieve.sieves.pyramid import PyramidScorer
-    from flowsieve.sieves.transprune import TransPruneScorer
+    from flowsieve.methods.pyramid import PyramidScorer
+    from flowsieve.methods.transprune import TransPruneScorer
 
     # PyramidDrop on a 32-layer model: lambda = 0.5 at layers 8/16/24 for keep 0.125
     assert PyramidScorer().layer_plan(32, 0.125) == [(8, 0.5), (16, 0.25), (24, 0.125)]
@@ -346,16 +353,16 @@ def test_bad_input(family):
         Sieve("fastv", keep=0.5, site="layer", options={"layer": 0})
     for opts in ({"layer": L}, {"layer": L + 3}):
         with pytest.raises(FlowsieveError, match="outside"):
-            prefill_layer_site(model, p, Sieve("fastv", keep=0.5, site="layer", options=opts), "query_aware")
+            LayerSite().prefill(model, p, Sieve("fastv", keep=0.5, site="layer", options=opts), "query_aware")
     with pytest.raises(FlowsieveError, match="outside"):
         s = Sieve("transprune", keep=0.5, site="layer", options={"prune_layers": [1, L]})
-        prefill_layer_site(model, p, s, "query_aware")
+        LayerSite().prefill(model, p, s, "query_aware")
     with pytest.raises(FlowsieveError, match="prune_layers must increase"):
         Sieve("pyramid", keep=0.5, site="layer", options={"prune_layers": [2, 2]})
     with pytest.raises(FlowsieveError, match="budget"):
         Sieve("fastv", budget=10, site="layer")
     with pytest.raises(FlowsieveError, match="not a token budget"):  # a prefill-site sieve's budget
-        prefill_layer_site(model, p, Sieve("flowcut", budget=10), "query_aware")
+        LayerSite().prefill(model, p, Sieve("flowcut", budget=10), "query_aware")
     with pytest.raises(FlowsieveError, match="chunk"):
         Sieve("fastv", keep=0.5, site="layer", chunk=64)
     for opts in ({"schedule": "linear"}, {"ratio": 0.3}, {"stage_weights": [1, 0.5]}, {"kernel": 7}):
@@ -363,7 +370,7 @@ def test_bad_input(family):
             Sieve("pyramid", keep=0.5, site="layer", options=opts)
     Sieve("pyramid", keep=0.5, options={"schedule": "linear", "kernel": 7})  # fine at the prefill site
     with pytest.raises(FlowsieveError, match="relay window"):  # window of 30 > what keep leaves
-        prefill_layer_site(model, p, Sieve("fastv", keep=0.1, site="layer", window=30), "query_agnostic")
+        LayerSite().prefill(model, p, Sieve("fastv", keep=0.1, site="layer", window=30), "query_agnostic")
     cache = LayerSiteCache(model)
     with pytest.raises(FlowsieveError, match="batch size 1"), LayerRuntime(model, cache).active():
         with torch.inference_mode():
@@ -376,23 +383,23 @@ def test_sliding_only_below_the_prune_layer_is_refused():
 
     model = tiny_gemma3()
     with pytest.raises(FlowsieveError, match="no full-attention layer below prune layer 2"):
-        prefill_layer_site(model, _prompt(), Sieve("fastv", keep=0.5, site="layer"), "query_aware")
+        LayerSite().prefill(model, _prompt(), Sieve("fastv", keep=0.5, site="layer"), "query_aware")
     # and a stage scored before the previous prune layer is refused too
     with pytest.raises(FlowsieveError, match="ran before the previous prune layer"):
         s = Sieve("pyramid", keep=0.5, site="layer", options={"prune_layers": [2, 3]})
-        prefill_layer_site(gemma6(), _prompt(), s, "query_aware")
+        LayerSite().prefill(gemma6(), _prompt(), s, "query_aware")
 
 
 def test_cache_refuses_to_run_without_its_masks(family):
     fam, model = family
     p = _prompt()
-    cache, _, _ = prefill_layer_site(model, p, _sieve(fam, "fastv", 0.5), "query_aware")
+    cache = LayerSite().prefill(model, p, _sieve(fam, "fastv", 0.5), "query_aware").cache
     with pytest.raises(FlowsieveError, match="positional masks"), torch.inference_mode():
         model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
 
 
 def test_positional_mask_shapes():
-    from flowsieve.layer_site import PositionedLayer
+    from flowsieve.stream import PositionedLayer
 
     layer = PositionedLayer(0)
     assert positional_mask(layer, torch.arange(5)) is None  # empty + contiguous: SDPA's causal
@@ -446,8 +453,9 @@ def test_sieve_on_with_model_generate(family, method):
     assert cache.get_seq_length() == T + 3
     assert cache.stored_lengths()[-1] < T + 3  # the last layer sees the pruned prompt
     p = Prompt(ids=tuple(ids), context=(0, C1), question=(C1, T), split=C1)
-    c2, logits, extra = prefill_layer_site(model, p, sieve, "query_aware")
-    toks, outs = _greedy(model, c2, logits, extra["layer_runtime"], 3)  # generate: 3 steps after prefill
+    pre = LayerSite().prefill(model, p, sieve, "query_aware")
+    c2 = pre.cache
+    toks, outs = _greedy(model, pre, 3)  # generate: 3 steps after prefill
     assert out.sequences[0, T:].tolist() == [*toks, int(outs[-1].argmax())]
     assert cache.stored_lengths() == c2.stored_lengths()
     # hooks are gone: a plain forward afterwards is the plain model

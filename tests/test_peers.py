@@ -20,9 +20,10 @@ import pytest
 
 from flowsieve import FlowsieveError
 from flowsieve.bench import Item, get_task
+from flowsieve.bench import peer_envs as E
 from flowsieve.bench import peers as P
 
-RUNNERS = Path(P.__file__).resolve().parents[3] / "bench" / "peers"
+RUNNERS = Path(P.__file__).resolve().parents[3] / "benchmarks" / "peers"
 
 
 def _item(i: int, **kw) -> Item:
@@ -42,9 +43,9 @@ def _item(i: int, **kw) -> Item:
 
 
 def test_peer_methods_map_our_names_to_the_peers():
-    assert P.PEER_METHODS["kvpress"]["snapkv"] == "SnapKVPress"
-    assert P.PEER_METHODS["kvpress"]["adakv_expected_attention"] == "AdaKVPress(ExpectedAttentionPress)"
-    assert set(P.PEER_METHODS["kvpress"]) == {
+    assert E.PEER_METHODS["kvpress"]["snapkv"] == "SnapKVPress"
+    assert E.PEER_METHODS["kvpress"]["adakv_expected_attention"] == "AdaKVPress(ExpectedAttentionPress)"
+    assert set(E.PEER_METHODS["kvpress"]) == {
         "snapkv",
         "streaming_llm",
         "tova",
@@ -55,8 +56,8 @@ def test_peer_methods_map_our_names_to_the_peers():
         "pyramidkv",
         "adakv_expected_attention",
     }
-    assert set(P.PEER_METHODS["llmlingua"]) == {"llmlingua", "longllmlingua"}
-    assert P.peer_method("llmlingua", "longllmlingua").startswith("LongLLMLingua")
+    assert set(E.PEER_METHODS["llmlingua"]) == {"llmlingua", "longllmlingua"}
+    assert E.peer_method("llmlingua", "longllmlingua").startswith("LongLLMLingua")
 
 
 @pytest.mark.parametrize(
@@ -69,17 +70,17 @@ def test_peer_methods_map_our_names_to_the_peers():
 )
 def test_unknown_method_suggests_the_closest(system, method, hint):
     with pytest.raises(FlowsieveError, match=hint) as e:
-        P.peer_method(system, method)
+        E.peer_method(system, method)
     assert "\n" not in str(e.value)
 
 
 def test_kvpress_layers_option_is_parsed_with_its_default():
-    assert P.parse_peer_method("kvpress", "snapkv") == ("snapkv", {"layers": "full"})
-    assert P.parse_peer_method("kvpress", "tova@layers=all") == ("tova", {"layers": "all"})
-    assert P.parse_peer_method("llmlingua", "llmlingua") == ("llmlingua", {})
-    assert P.peer_method("kvpress", "snapkv") == "SnapKVPress"
-    assert P.peer_method("kvpress", "snapkv@layers=all") == "SnapKVPress (layers=all)"
-    assert P.peer_method("kvpress", "adakv_expected_attention@layers=full").endswith("(layers=full)")
+    assert E.parse_peer_method("kvpress", "snapkv") == ("snapkv", {"layers": "full"})
+    assert E.parse_peer_method("kvpress", "tova@layers=all") == ("tova", {"layers": "all"})
+    assert E.parse_peer_method("llmlingua", "llmlingua") == ("llmlingua", {})
+    assert E.peer_method("kvpress", "snapkv") == "SnapKVPress"
+    assert E.peer_method("kvpress", "snapkv@layers=all") == "SnapKVPress (layers=all)"
+    assert E.peer_method("kvpress", "adakv_expected_attention@layers=full").endswith("(layers=full)")
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_bad_method_options_fail_before_anything_runs(method, msg, tmp_path, mon
 
 def test_unknown_system_suggests_the_closest():
     with pytest.raises(FlowsieveError, match="did you mean 'kvpress'"):
-        P.peer_spec("kvpres")
+        E.peer_spec("kvpres")
     with pytest.raises(FlowsieveError, match="unknown peer 'vllm'"):
         P.run_peer("vllm", [_item(0)], "snapkv", 0.5)
 
@@ -172,13 +173,13 @@ def test_read_jsonl_names_a_bad_line(tmp_path):
 
 
 def test_one_line_picks_the_reason():
-    assert P.one_line("a\nb\nFLOWSIEVE-PEER-ERROR: it broke\nexit") == "it broke"
-    assert P.one_line("x\nERROR: No matching distribution found for kvpress==9\nmore") == (
+    assert E.one_line("a\nb\nFLOWSIEVE-PEER-ERROR: it broke\nexit") == "it broke"
+    assert E.one_line("x\nERROR: No matching distribution found for kvpress==9\nmore") == (
         "ERROR: No matching distribution found for kvpress==9"
     )
-    assert P.one_line("Traceback\n  File x\nValueError: bad\n") == "ValueError: bad"
-    assert P.one_line("") == ""
-    assert len(P.one_line("x" * 1000)) == 400
+    assert E.one_line("Traceback\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert E.one_line("") == ""
+    assert len(E.one_line("x" * 1000)) == 400
 
 
 # --- environments and the runner protocol, with a fake peer python ---------------------------------------
@@ -186,7 +187,7 @@ def test_one_line_picks_the_reason():
 
 def test_missing_env_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWSIEVE_PEERS_DIR", str(tmp_path / "nowhere"))
-    assert not P.env_ready("kvpress")
+    assert not E.env_ready("kvpress")
     with pytest.raises(FlowsieveError, match=r"kvpress environment .* does not exist") as e:
         P.run_peer("kvpress", [_item(0)], "snapkv", 0.5, build=False)
     msg = str(e.value)
@@ -203,7 +204,7 @@ def _fake_env(root: Path, system: str, body: str, monkeypatch) -> Path:
     py = env / "bin" / "python"
     py.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
     py.chmod(py.stat().st_mode | stat.S_IXUSR)
-    (env / P.STAMP).write_text(json.dumps({"spec": P._spec_hash(P.peer_spec(system))}))
+    (env / E.STAMP).write_text(json.dumps({"spec": E._spec_hash(E.peer_spec(system))}))
     return env
 
 
@@ -226,11 +227,11 @@ with open(args["--out"], "w") as out:
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_run_peer_speaks_the_runner_protocol(chat, tmp_path, monkeypatch):
-    from flowsieve.generate import build_prompt
+    from flowsieve.inputs import build_prompt
 
     monkeypatch.setenv("FLOWSIEVE_PEERS_DIR", str(tmp_path))
     _fake_env(tmp_path, "kvpress", ECHO, monkeypatch)
-    assert P.env_ready("kvpress")
+    assert E.env_ready("kvpress")
     items = [_item(0), _item(1)]
     rows = P.run_peer(
         "kvpress", items, "tova", 0.25, mode="query_agnostic", max_new_tokens=7, threads=1, chat=chat
@@ -316,15 +317,15 @@ def test_a_failed_build_is_a_one_line_error_and_is_retried(tmp_path, monkeypatch
         if "kvpress==0.5.5" in cmd:
             raise FlowsieveError(f"{what} failed: ERROR: No matching distribution found for kvpress==0.5.5")
 
-    monkeypatch.setattr(P, "_run_step", fake_step)
+    monkeypatch.setattr(E, "_run_step", fake_step)
     with pytest.raises(FlowsieveError, match="No matching distribution") as e:
-        P.ensure_env("kvpress")
+        E.ensure_env("kvpress")
     assert "\n" not in str(e.value)
-    assert not P.env_ready("kvpress")  # no stamp: the next call starts over
+    assert not E.env_ready("kvpress")  # no stamp: the next call starts over
     torch_step, peer_step = calls[1], calls[2]
     assert torch_step[-1] == "torch==2.13.0"  # torch alone, first: the CPU wheel
     assert "kvpress==0.5.5" in peer_step and "transformers>=4.56,<5.3" in peer_step
-    ll_steps = P._install_steps(P.peer_spec("llmlingua"))
+    ll_steps = E._install_steps(E.peer_spec("llmlingua"))
     assert ll_steps[0] == ["torch==2.13.0"] and "transformers==4.44.*" in ll_steps[1]
 
 
@@ -340,7 +341,7 @@ def _fake_sweep(monkeypatch, tmp_path, run_peer, chat: bool):
     from flowsieve.bench.store import Store
 
     monkeypatch.setattr(tb.gen, "generate", tb.fake_generate)
-    monkeypatch.setattr(tb.runner, "run_compressed", tb.fake_run_compressed)
+    monkeypatch.setattr(tb.cells, "run_compressed", tb.fake_run_compressed)
     monkeypatch.setattr(tb.runner, "check_methods", lambda config: None)
     peers = types.ModuleType("flowsieve.bench.peers")
     peers.run_peer = run_peer
@@ -414,7 +415,7 @@ def test_runner_prompt_tail_matches_flowsieve(monkeypatch):
 
 def test_runner_plain_prompt_and_split_match_build_prompt(char_tok, monkeypatch):
     """The runner's copy of build_prompt(chat=False), on a tokenizer with offsets (no model needed)."""
-    from flowsieve.generate import DEFAULT_INSTRUCTION, build_prompt
+    from flowsieve.inputs import DEFAULT_INSTRUCTION, build_prompt
 
     common = _runner_module("_common", monkeypatch)
     for context, question in [("  ctx one.\n", " Q? "), ("a" * 50, "what")]:
@@ -535,12 +536,12 @@ def test_full_attention_masks_on_gemma3_equal_token_by_token(monkeypatch):
 def test_full_kv_bytes_caps_sliding_layers_like_flowsieve(monkeypatch):
     from conftest import tiny_gemma3, tiny_llama
 
-    from flowsieve.generate import full_kv_bytes
+    from flowsieve.kvcache import full_kv_bytes
 
     common = _runner_module("_common", monkeypatch)
     for model in (tiny_llama(), tiny_gemma3()):
         for n in (1, 7, 300):
-            assert common.full_kv_bytes(model.config, n, 4) == full_kv_bytes(model, n, 4)
+            assert common.full_kv_bytes(model.config, n, 4) == full_kv_bytes(model, n)  # fp32 models: 4 bytes
     gemma = tiny_gemma3().config
     assert "sliding_attention" in gemma.layer_types and gemma.sliding_window < 300
     per_token = common.full_kv_bytes(gemma, 1, 4)
@@ -584,7 +585,7 @@ def test_layerwise_mask_fit_equals_token_by_token(monkeypatch):
 def test_runner_prompt_ids_match_build_prompt(model_name, chat, monkeypatch):
     """The prompt format the runners duplicate: their ids (and split) equal flowsieve's build_prompt's on
     the bundled tokenizers, with and without the chat template (gemma3-270m has none)."""
-    from flowsieve.generate import DEFAULT_INSTRUCTION, build_prompt
+    from flowsieve.inputs import DEFAULT_INSTRUCTION, build_prompt
 
     common = _runner_module("_common", monkeypatch)
     tok, _ = P.flowsieve_tokenizer(model_name)
@@ -618,7 +619,7 @@ def needle_items(smollm2):
 
 
 def _check_rows(rows, items, tok):
-    from flowsieve.generate import build_prompt
+    from flowsieve.inputs import build_prompt
 
     assert [r["item_id"] for r in rows] == [it.item_id for it in items]
     for r, it in zip(rows, items):
@@ -637,7 +638,7 @@ def _check_rows(rows, items, tok):
 @needs_peers
 def test_kvpress_runs_side_by_side(smollm2, needle_items):
     _, tok = smollm2
-    P.ensure_env("kvpress")
+    E.ensure_env("kvpress")
     rows = P.run_peer(
         "kvpress", needle_items, "snapkv", 0.5, mode="query_agnostic", max_new_tokens=8, threads=2
     )
@@ -657,7 +658,7 @@ def test_kvpress_runs_side_by_side(smollm2, needle_items):
 @needs_peers
 def test_llmlingua_runs_side_by_side(smollm2, needle_items):
     _, tok = smollm2
-    P.ensure_env("llmlingua")
+    E.ensure_env("llmlingua")
     rows = P.run_peer(
         "llmlingua", needle_items, "llmlingua", 0.5, mode="query_aware", max_new_tokens=8, threads=2
     )
@@ -705,11 +706,11 @@ def test_kvpress_gemma3_has_flowsieves_weights(gemma3, tmp_path):
     import torch
     import transformers
 
-    from flowsieve.generate import build_prompt
+    from flowsieve.inputs import build_prompt
     from flowsieve.models import BUNDLED
 
     model, tok = gemma3
-    env = P.ensure_env("kvpress")
+    env = E.ensure_env("kvpress")
     item = get_task("needle", length=200).items(tok, 1)[0]
     prompt = build_prompt(tok, item.context, item.question, chat=False)
     gguf_dir, gguf_file = BUNDLED["gemma3-270m"].locate()
@@ -729,7 +730,7 @@ def test_kvpress_gemma3_has_flowsieves_weights(gemma3, tmp_path):
     (tmp_path / "peer.py").write_text(PEER_LOGITS)
     proc = subprocess.run(
         [
-            str(P.env_python(env)),
+            str(E.env_python(env)),
             str(tmp_path / "peer.py"),
             str(RUNNERS),
             str(tmp_path / "cfg.json"),
@@ -801,10 +802,10 @@ def test_full_attention_masks_are_needed_in_the_kvpress_env(tmp_path):
     mask gives the token-by-token logits, with SDPA and eager attention."""
     import subprocess
 
-    env = P.ensure_env("kvpress")
+    env = E.ensure_env("kvpress")
     (tmp_path / "masks.py").write_text(PEER_MASKS)
     proc = subprocess.run(
-        [str(P.env_python(env)), str(tmp_path / "masks.py"), str(RUNNERS)],
+        [str(E.env_python(env)), str(tmp_path / "masks.py"), str(RUNNERS)],
         capture_output=True,
         text=True,
         env=P._runner_env(1),
@@ -829,11 +830,12 @@ def test_full_attention_masks_are_needed_in_the_kvpress_env(tmp_path):
     ],
 )
 def test_kvpress_runs_gemma3_on_flowsieves_plain_prompt(method, mode, gemma3):
-    from flowsieve.generate import build_prompt, full_kv_bytes
+    from flowsieve.inputs import build_prompt
+    from flowsieve.kvcache import full_kv_bytes
 
     model, tok = gemma3
     items = get_task("needle", length=500).items(tok, 2)
-    P.ensure_env("kvpress")
+    E.ensure_env("kvpress")
     rows = P.run_peer(
         "kvpress", items, method, 0.5, "gemma3-270m", mode, max_new_tokens=6, threads=2, chat=False
     )
@@ -883,7 +885,7 @@ def test_kvpress_runs_gemma3_on_flowsieves_plain_prompt(method, mode, gemma3):
 
 def test_env_dir_defaults_to_the_checkout(monkeypatch):
     monkeypatch.delenv("FLOWSIEVE_PEERS_DIR", raising=False)
-    assert P.peers_dir() == P.repo_root() / ".venv-peers"
-    assert (P.repo_root() / "pyproject.toml").exists()
-    assert P.runner_path("kvpress").name == "kvpress_runner.py"
-    assert os.access(P.runner_path("llmlingua"), os.R_OK)
+    assert E.peers_dir() == E.repo_root() / ".venv-peers"
+    assert (E.repo_root() / "pyproject.toml").exists()
+    assert E.runner_path("kvpress").name == "kvpress_runner.py"
+    assert os.access(E.runner_path("llmlingua"), os.R_OK)

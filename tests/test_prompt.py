@@ -22,8 +22,8 @@ from test_prompt_reference import (
 )
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.prompt import SCORERS, compress_prompt
-from flowsieve.prompt.base import (
+from flowsieve.methods.prompt import SCORERS
+from flowsieve.methods.prompt.base import (
     Scores,
     build_doc,
     paragraph_spans,
@@ -33,9 +33,10 @@ from flowsieve.prompt.base import (
     unit_scores,
     word_units,
 )
-from flowsieve.prompt.lexrank import lexrank, tfidf_cosine
-from flowsieve.prompt.lm import SurprisalStream, _nll
-from flowsieve.prompt.selfinfo import gamma_threshold
+from flowsieve.methods.prompt.lexrank import lexrank, tfidf_cosine
+from flowsieve.methods.prompt.lm import SurprisalStream, _nll
+from flowsieve.methods.prompt.selfinfo import gamma_threshold
+from flowsieve.sites.prompt import compress_prompt
 
 # ~420 characters: with the character tokenizer, ~420 tokens (tiny models have 256 positions, so the
 # LM scorers also exercise the eviction of the oldest compressed tokens)
@@ -120,8 +121,8 @@ def test_keep_below_one_runs_the_scorer_as_the_reference(scorer):
     """Below keep = 1 the scorer runs (the identity above returns before it): the kept tokens are the
     brute-force reference's (test_prompt_reference.py), window after window. The LM head is scaled
     up so that no keep decision is a near-tie."""
-    from flowsieve.prompt.longllmlingua import LongLLMLingua
-    from flowsieve.prompt.selfinfo import SelfInfo
+    from flowsieve.methods.prompt.longllmlingua import LongLLMLingua
+    from flowsieve.methods.prompt.selfinfo import SelfInfo
 
     model, tok = sharp_llama(), CharTokenizer()
     keep, text = 0.4, SHORT + "\n"
@@ -334,7 +335,7 @@ def test_stream_evicts_past_the_context():
 def test_selfinfo_budget_controller_drops_paragraphs(llama):
     model, tok = llama
     paragraphs = "\n\n".join(f"Paragraph {i} says something about item {i}." for i in range(8))
-    from flowsieve.prompt.selfinfo import SelfInfo
+    from flowsieve.methods.prompt.selfinfo import SelfInfo
 
     doc = build_doc(tok, paragraphs, None, 0.2)
     scores = SelfInfo().score(doc, model)
@@ -349,7 +350,7 @@ def test_selfinfo_keep_tail_keeps_the_last_partial_window_whole(llama):
     """keep_tail: the ``len % window`` last tokens the ITPC sees are all kept (upstream's loop never
     compresses them); the ratio still meets the budget. Off: that tail is compressed like the rest."""
     model, tok = llama
-    from flowsieve.prompt.selfinfo import SelfInfo
+    from flowsieve.methods.prompt.selfinfo import SelfInfo
 
     doc = build_doc(tok, TEXT, None, 0.33)
     on = SelfInfo(window=64, keep_tail=True, context_filter=False).score(doc, model)
@@ -377,7 +378,7 @@ def test_selfinfo_keep_tail_keeps_the_last_partial_window_whole(llama):
 
 
 def test_flow_scores_equal_the_trace(llama):
-    from flowsieve.prompt.flow import Flow
+    from flowsieve.methods.prompt.flow import Flow
     from flowsieve.trace import trace
 
     model, tok = llama
@@ -416,7 +417,7 @@ def test_lexrank_keeps_whole_central_sentences(llama):
 
 
 def _tiny_distilled():
-    from flowsieve.prompt.distilled import DistilledHead
+    from flowsieve.methods.prompt.distilled import DistilledHead
 
     torch.manual_seed(0)
     enc = tiny_bert()
@@ -442,7 +443,7 @@ def test_distilled_invariants(llama, keep):
 
 
 def test_distilled_features_chunk_at_words():
-    from flowsieve.prompt.distilled import _chunks, encoder_features, word_probabilities
+    from flowsieve.methods.prompt.distilled import _chunks, encoder_features, word_probabilities
 
     runs = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
     chunks = _chunks(runs, 4)
@@ -460,7 +461,7 @@ def test_distilled_features_chunk_at_words():
 
 
 def test_percentile_threshold():
-    from flowsieve.prompt.distilled import percentile_threshold
+    from flowsieve.methods.prompt.distilled import percentile_threshold
 
     x = np.arange(100, dtype=float)
     assert percentile_threshold(x, 0.33) == pytest.approx(np.percentile(x, 68))
@@ -469,7 +470,7 @@ def test_percentile_threshold():
 
 
 def test_head_trains_saves_and_loads(tmp_path):
-    from flowsieve.prompt.distilled import (
+    from flowsieve.methods.prompt.distilled import (
         TrainConfig,
         classification_stats,
         load_head,
@@ -499,7 +500,7 @@ def test_head_trains_saves_and_loads(tmp_path):
 
 
 def test_word_labels_from_teacher_mask():
-    from flowsieve.prompt.distilled import word_labels
+    from flowsieve.methods.prompt.distilled import word_labels
 
     tok = CharTokenizer()
     doc = build_doc(tok, "ab cd ef", None, 0.5)
@@ -508,7 +509,7 @@ def test_word_labels_from_teacher_mask():
 
 
 def test_packaged_head_is_small_and_loads():
-    from flowsieve.prompt.distilled import DEFAULT_HEAD, load_head
+    from flowsieve.methods.prompt.distilled import DEFAULT_HEAD, load_head
 
     assert DEFAULT_HEAD.is_file(), "train it with scripts/train_distilled.py"
     assert DEFAULT_HEAD.stat().st_size < 2 * 1024 * 1024
@@ -520,7 +521,7 @@ def test_packaged_head_is_small_and_loads():
 
 
 def test_cli_parses_compress():
-    from flowsieve.prompt.cli import _setting, add_commands
+    from flowsieve.cli.prompt import _setting, add_commands
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command"))
@@ -536,7 +537,7 @@ def test_cli_parses_compress():
 
 
 def test_cli_rejects_unknown_scorer_before_loading(capsys):
-    from flowsieve.prompt.cli import add_commands
+    from flowsieve.cli.prompt import add_commands
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command"))
@@ -562,7 +563,7 @@ CODE_QUESTION = "What is the secret code?"
 
 
 def _lll(**kw):
-    from flowsieve.prompt.longllmlingua import LongLLMLingua
+    from flowsieve.methods.prompt.longllmlingua import LongLLMLingua
 
     return LongLLMLingua(**kw)
 
@@ -596,7 +597,7 @@ def test_longllmlingua_segments_tile_one_paragraph():
 
 
 def test_longllmlingua_dynamic_ratios():
-    from flowsieve.prompt.longllmlingua import dynamic_ratios
+    from flowsieve.methods.prompt.longllmlingua import dynamic_ratios
 
     shares, tau = dynamic_ratios([100, 100, 100], 0.3, 150)
     assert shares == pytest.approx([0.8, 0.5, 0.2], abs=1e-6) and tau == pytest.approx(0.5, abs=1e-6)
@@ -614,7 +615,7 @@ def test_longllmlingua_dynamic_ratios():
 
 def test_longllmlingua_coarse_keeps_whole_segments_in_rank_order(llama):
     """The real ranking: the mean NLL of question + suffix given the segment, by a full forward."""
-    from flowsieve.prompt.longllmlingua import LongLLMLingua
+    from flowsieve.methods.prompt.longllmlingua import LongLLMLingua
 
     model, tok = llama
     keep = 0.2
@@ -663,7 +664,7 @@ def test_longllmlingua_coarse_keeps_whole_segments_in_rank_order(llama):
 
 
 def test_longllmlingua_best_segment_keeps_most(llama):
-    from flowsieve.prompt.longllmlingua import LongLLMLingua
+    from flowsieve.methods.prompt.longllmlingua import LongLLMLingua
 
     model, tok = llama
     doc = build_doc(tok, HAYSTACK, CODE_QUESTION, 0.33)

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from flowsieve.prompt import SCORERS, compress_prompt
-from flowsieve.prompt.base import build_doc
+from flowsieve.methods.prompt import SCORERS
+from flowsieve.methods.prompt.base import build_doc
+from flowsieve.sites.prompt import compress_prompt
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def test_compressed_prompt_feeds_another_model(smollm2, results):
 
 
 def test_cli_compress_json(smollm2, essay, tmp_path, capsys):
-    from flowsieve.prompt.cli import add_commands
+    from flowsieve.cli.prompt import add_commands
 
     f = tmp_path / "essay.txt"
     f.write_text(essay, encoding="utf-8")

@@ -31,10 +31,10 @@ import pytest
 import torch
 from conftest import CharTokenizer, tiny_gemma3, tiny_llama
 
-from flowsieve.prompt import compress_prompt
-from flowsieve.prompt.base import SEPARATOR, build_doc
-from flowsieve.prompt.longllmlingua import QUESTION_SUFFIX, LongLLMLingua, dynamic_ratios
-from flowsieve.prompt.selfinfo import SelfInfo
+from flowsieve.methods.prompt.base import SEPARATOR, build_doc
+from flowsieve.methods.prompt.longllmlingua import QUESTION_SUFFIX, LongLLMLingua, dynamic_ratios
+from flowsieve.methods.prompt.selfinfo import SelfInfo
+from flowsieve.sites.prompt import compress_prompt
 
 INF = math.inf
 SUFFIX = " We can get the answer to this question in the given documents."  # after the question, coarse stage

@@ -11,19 +11,18 @@ from test_sieve import _per_layer_reference, _prompt, sliding_masks
 from transformers import GenerationConfig
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import decode_greedy, generate, generate_many, prefill_with_sieve
+from flowsieve.generate import decode_greedy, generate, generate_many
 from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
 
 
 @pytest.mark.parametrize("method", ["snapkv", "flowcut", "h2o"])
 def test_keep_all_is_plain_generation(tiny_causal, method):
     _, model = tiny_causal
     p = _prompt(40, 3, 30)
-    cache, logits, extra = prefill_with_sieve(
-        model, p, Sieve(method, keep=1.0, window=8, refeed=True), "query_aware"
-    )
-    assert extra["kept_entries"] == 40 and extra["refeed_tokens"] == 10
-    got, _ = decode_greedy(model, cache, logits, 6, eos=set())
+    pre = prefill_cache(model, p, Sieve(method, keep=1.0, window=8, refeed=True), "query_aware")
+    assert pre.kept == 40 and pre.extra["refeed_tokens"] == 10
+    got, _ = decode_greedy(model, pre.cache, pre.logits, 6, eos=set())
     ref = model.generate(torch.tensor([p.ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 40:]
     assert got == ref.tolist()
 
@@ -37,7 +36,7 @@ def test_question_sees_only_the_kept_context(tiny_causal, method, units):
     T, c0, c1 = 48, 3, 38
     p = _prompt(T, c0, c1)
     if units == "sentence":
-        from flowsieve.generate import Prompt
+        from flowsieve.inputs import Prompt
 
         p = Prompt(
             ids=p.ids,
@@ -47,7 +46,8 @@ def test_question_sees_only_the_kept_context(tiny_causal, method, units):
             sentences=tuple(t // 5 for t in range(T)),
         )
     sieve = Sieve(method, keep=0.5, window=12, refeed=True, units=units)
-    cache, logits, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    cache, logits = pre.cache, pre.logits
     more = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
     got = torch.cat([logits[:, -1:], model(more, cache=cache).logits], 1)  # (1, 5, V)
     ids = torch.cat([torch.tensor([p.ids]), more], dim=1)
@@ -63,7 +63,7 @@ def test_question_sees_only_the_kept_context(tiny_causal, method, units):
         hidden = torch.ones(1, Hk, N, dtype=torch.bool)
         hidden[..., c1:] = False
         hidden.scatter_(-1, kept_ctx[..., kept_ctx[0, 0] < c1].expand(1, Hk, -1), False)
-        assert int((~hidden[0, 0, :c1]).sum()) == extra["kept_entries"] - (T - c1)
+        assert int((~hidden[0, 0, :c1]).sum()) == pre.kept - (T - c1)
         hidden = hidden.repeat_interleave(H // Hk, dim=1) if Hk > 1 else hidden
         late = i >= c1
         allowed[li] = (j <= i) & ~(late & hidden[..., None, :])
@@ -92,8 +92,6 @@ def test_refused_where_it_cannot_run(tiny_llama_model):
     with pytest.raises(FlowsieveError, match="unchunked prefill-site"):
         Sieve("h2o", keep=0.5, refeed=True, site="decode")
     with pytest.raises(FlowsieveError, match="query-aware mode"):
-        prefill_with_sieve(model, p, Sieve("snapkv", keep=0.5, refeed=True), "query_agnostic")
+        prefill_cache(model, p, Sieve("snapkv", keep=0.5, refeed=True), "query_agnostic")
     with pytest.raises(FlowsieveError, match="does not refeed"):
-        prefill_with_sieve(
-            model, p, Sieve("kvzip", keep=0.5, refeed=True), "query_aware", CharTokenizer(), False
-        )
+        prefill_cache(model, p, Sieve("kvzip", keep=0.5, refeed=True), "query_aware", CharTokenizer(), False)

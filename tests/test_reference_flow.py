@@ -23,8 +23,9 @@ import pytest
 import torch
 from conftest import sharpen, tiny_gemma3, tiny_llama
 
-from flowsieve.generate import Prompt, prefill_with_sieve
+from flowsieve.inputs import Prompt
 from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
 
 T, C0, C1 = 48, 2, 40
 CONTEXT = tuple(range(C0, C1))
@@ -271,7 +272,7 @@ def test_flowcut_prefill_keeps_the_reference_top(name, case):
     layers = [2] if name == "gemma3" else list(range(len(refs)))  # sliding-window layers are never compressed
     F = flowcut_prefill_reference(refs, layers, **options)
     sieve = Sieve("flowcut", keep=keep, options=options)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     assert list(cache.sieve_layers) == layers
     for layer in layers:
         (got,) = _kept(cache, layer)
@@ -289,7 +290,7 @@ def test_flowcut_kernel_pools_within_the_sequence(kernel, seed, keep):
     protected = frozenset(range(C1, T))
     F = flowcut_prefill_reference(refs, list(range(len(refs))), kernel=kernel, context=context)
     sieve = Sieve("flowcut", keep=keep, options={"kernel": kernel})
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed, c0=0), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed, c0=0), sieve, "query_aware").cache
     for layer in cache.sieve_layers:
         (got,) = _kept(cache, layer)
         assert_kept(got, F[layer], protected, round(keep * T), f"layer {layer}")
@@ -303,9 +304,9 @@ def test_flowcut_normalise_options_differ():
     k = round(0.5 * T)
     kept = {}
     for norm in ("candidates", "all"):
-        cache, _, _ = prefill_with_sieve(
+        cache = prefill_cache(
             llama4_model, _prompt(1), Sieve("flowcut", keep=0.5, options={"normalise": norm}), "query_aware"
-        )
+        ).cache
         F = flowcut_prefill_reference(refs, list(cache.sieve_layers), normalise=norm)
         kept[norm] = [_kept(cache, i)[0] for i in cache.sieve_layers]
         assert [top_kept(F[i], PROTECTED, k)[0] for i in cache.sieve_layers] == kept[norm]
@@ -338,7 +339,8 @@ def test_flowcut_layer_site_keeps_the_reference_top(seed, keep, prune_layer):
     model = model_of("llama4")
     refs = capture(model, _ids(seed))
     sieve = Sieve("flowcut", keep=keep, site="layer", options={"layer": prune_layer})
-    cache, _, extra = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    pre = prefill_cache(model, _prompt(seed), sieve, "query_aware")
+    cache, extra = pre.cache, pre.extra
     n = round(len(CONTEXT) * keep)
     assert extra["stages"] == [{"layer": prune_layer, "context_kept": n, "tokens": n + len(PROTECTED)}]
     # scored at layer K - 1 with the prompt's last token as the relay; nothing of the context is protected
@@ -424,7 +426,7 @@ def test_keyformer_keeps_the_reference_top(name, case):
                 ]
                 assert max(abs(x - y) for x, y in zip(f[layer][hk], h2o)) < 1e-5
     sieve = Sieve("keyformer", keep=keep, seed=sieve_seed, options=options)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     assert list(cache.sieve_layers) == layers
     for layer in layers:
         got = _kept(cache, layer)

@@ -28,9 +28,11 @@ import torch
 from conftest import sharpen, tiny_gemma3, tiny_llama
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import DecodeEvictor, Prompt, prefill_with_sieve
+from flowsieve.inputs import Prompt
+from flowsieve.methods import METHODS
 from flowsieve.sieve import Sieve
-from flowsieve.sieves import METHODS
+from flowsieve.sites import prefill_cache
+from flowsieve.sites.decode import DecodeEvictor
 
 T, C0, C1 = 48, 2, 40
 CONTEXT = tuple(range(C0, C1))
@@ -259,7 +261,7 @@ def test_snapkv_keeps_the_reference_top(name, case):
     probs, _ = attention(ref_of(model), _ids(seed))
     sieve = Sieve("snapkv", keep=keep, options=case)
     scores = spy_scores(sieve)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     assert list(cache.sieve_layers) == FULL_LAYERS[name]
     for layer in FULL_LAYERS[name]:
         ref = snapkv_reference(probs[layer], list(QUESTION), _n_kv(model), **case)
@@ -281,7 +283,7 @@ def test_snapkv_window_rows_keeps_the_reference_top(name, seed, keep):
     protected = PROTECTED | set(rows)
     sieve = Sieve("snapkv", keep=keep, rows="window", window=16)
     scores = spy_scores(sieve)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     for layer in FULL_LAYERS[name]:
         ref = snapkv_reference(probs[layer], rows, _n_kv(model))
         assert_scores(scores[layer], ref, f"layer {layer}")
@@ -297,7 +299,7 @@ def test_tova_keeps_the_reference_top(name, seed, keep):
     probs, _ = attention(ref_of(model), _ids(seed))
     sieve = Sieve("tova", keep=keep)
     scores = spy_scores(sieve)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     for layer in FULL_LAYERS[name]:
         ref = tova_reference(probs[layer], T - 1)
         assert_scores(scores[layer], ref, f"layer {layer}")
@@ -310,7 +312,7 @@ def test_tova_keeps_the_reference_top(name, seed, keep):
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_streamingllm_keeps_sinks_and_recent(name, keep):
     model = model_of(name)
-    cache, _, _ = prefill_with_sieve(model, _prompt(1), Sieve("streamingllm", keep=keep), "query_aware")
+    cache = prefill_cache(model, _prompt(1), Sieve("streamingllm", keep=keep), "query_aware").cache
     want = streamingllm_kept(PROTECTED, CONTEXT, round(keep * T))
     assert {2, 3} <= want
     for layer in FULL_LAYERS[name]:
@@ -324,7 +326,7 @@ def test_h2o_prefill_keeps_the_reference_top(name, seed, keep):
     probs, _ = attention(ref_of(model), _ids(seed))
     sieve = Sieve("h2o", keep=keep)
     scores = spy_scores(sieve)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     for layer in FULL_LAYERS[name]:
         ref = h2o_reference(probs[layer], _n_kv(model))
         assert_scores(scores[layer], ref, f"layer {layer}")
@@ -375,8 +377,9 @@ def run_decode(model, sieve: Sieve, seed: int, toks: list[int]):
     ``ev.scored``) the decode scores of every evicting step."""
     step = [0]
     scored = spy_decode_scores(sieve, step)
-    cache, logits, extra = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
-    ev = DecodeEvictor(model, cache, sieve, extra["protect_mask"], sieve.window)
+    pre = prefill_cache(model, _prompt(seed), sieve, "query_aware")
+    cache, logits = pre.cache, pre.logits
+    ev = DecodeEvictor(model, cache, sieve, pre.protect, sieve.window)
     states, step_logits, stored = [_snapshot(cache)], [logits[0, -1]], []
     for t in toks:
         step[0] += 1
@@ -611,11 +614,10 @@ def test_chunked_prefill_bound(name, method):
     model = model_of(name)
     n, c0, c1, chunk = 96, 2, 88, 16
     p = Prompt(ids=tuple(_ids(7, n)), context=(c0, c1), question=(c1, n), split=c1)
-    cache, _, extra = prefill_with_sieve(
-        model, p, Sieve(method, keep=0.25, window=8, chunk=chunk), "query_aware"
-    )
+    pre = prefill_cache(model, p, Sieve(method, keep=0.25, window=8, chunk=chunk), "query_aware")
+    cache = pre.cache
     k = round(0.25 * n)
-    assert extra["peak_entries"] <= k + chunk
+    assert pre.extra["peak_entries"] <= k + chunk
     for i in cache.sieve_layers:
         pos = cache.layer(i).positions
         assert pos.shape[-1] == k
@@ -683,7 +685,7 @@ def test_h2o_chunked_prefill_accumulates_over_chunks(name, seed, keep):
     chunk, window = 16, 8
     ids = _ids(seed)
     sieve = Sieve("h2o", keep=keep, window=window, chunk=chunk)
-    cache, _, _ = prefill_with_sieve(model, _prompt(seed), sieve, "query_aware")
+    cache = prefill_cache(model, _prompt(seed), sieve, "query_aware").cache
     want, gap = simulate_chunked_h2o(model, FULL_LAYERS[name], ids, keep, chunk, window)
     assert gap > 1e-4, f"near-tie at a cut (relative gap {gap:.2e}); pick another prompt"
     for i in FULL_LAYERS[name]:

@@ -7,9 +7,12 @@ import torch
 from transformers import GenerationConfig
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, build_prompt, generate, generate_many, prefill_with_sieve, protect_mask
+from flowsieve.generate import generate, generate_many
+from flowsieve.inputs import Prompt, build_prompt
 from flowsieve.observe import ObserveSpec
 from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
+from flowsieve.sites.base import protect_mask
 
 CTX = "The lamp keeper slept while the storm broke the shutters of the old mill. " * 2
 LONG_Q = "Which of the people in the story was asleep while the storm broke the shutters of the mill?"
@@ -58,7 +61,8 @@ def test_query_aware_protects_no_context_token(char_tok):
 def test_prefill_observes_the_question_span(tiny_causal, char_tok, seen):
     _, model = tiny_causal
     p = build_prompt(char_tok, CTX, LONG_Q, chat=False)
-    cache, _, extra = prefill_with_sieve(model, p, Sieve("flowcut", keep=0.5, window=8), "query_aware")
+    pre = prefill_cache(model, p, Sieve("flowcut", keep=0.5, window=8), "query_aware")
+    cache, extra = pre.cache, pre.extra
     assert seen == [tuple(range(p.question[0], len(p)))]
     # protected: exactly what lies outside the context
     c0, c1 = p.context
@@ -91,9 +95,9 @@ def test_rows_change_what_is_kept(tiny_llama_model, char_tok):
     p = build_prompt(char_tok, CTX, LONG_Q, chat=False)
     kept = {}
     for rows in ("question", "window"):
-        cache, _, _ = prefill_with_sieve(
+        cache = prefill_cache(
             tiny_llama_model, p, Sieve("snapkv", keep=0.6, window=8, rows=rows), "query_aware"
-        )
+        ).cache
         kept[rows] = cache.layer(0).positions.clone()
     assert not torch.equal(kept["question"], kept["window"])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flowsieve.scorers.flow import ema_accumulate, flowcut_score, ttv
-from flowsieve.scorers.sinks import dormant_heads, layer_sinks, sink_mask, sink_share
+from flowsieve.methods.flow_signals import ema_accumulate, flowcut_score, ttv
+from flowsieve.methods.sink_signals import dormant_heads, layer_sinks, sink_mask, sink_share
 
 
 def test_flowcut_terms_normalised_and_weighted():

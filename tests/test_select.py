@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, decode_greedy, generate, prefill_with_sieve
-from flowsieve.select import SelectRuntime, full_attention_layers, prefill_select
-from flowsieve.sieve import Sieve
-from flowsieve.sieves import METHODS
-from flowsieve.sieves.actqkv import (
+from flowsieve.generate import decode_greedy, generate
+from flowsieve.inputs import Prompt
+from flowsieve.kvcache import layer_types
+from flowsieve.methods import METHODS
+from flowsieve.methods.actqkv import (
     ActQKVMethod,
     activation_weights,
     grouped_queries,
@@ -25,7 +25,10 @@ from flowsieve.sieves.actqkv import (
     local_attention,
     normalized_entropy,
 )
-from flowsieve.sieves.tokenselect import TokenSelectMethod, soft_vote
+from flowsieve.methods.tokenselect import TokenSelectMethod, soft_vote
+from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
+from flowsieve.sites.select import SelectRuntime, SelectSite
 
 SELECT = ("tokenselect", "actqkv")
 # small blocks so that a 60-token prompt has several candidate blocks
@@ -52,10 +55,11 @@ def _run(model, prompt: Prompt, sieve: Sieve, mode: str, more: list[int]):
 
     Returns (logits at the last prompt position then after each token (len(more) + 1, V), runtime).
     """
-    cache, logits, extra = prefill_select(model, prompt, sieve, mode, trace=True)
-    rt = extra["select_runtime"]
-    rows = [logits[0, -1]]
-    with rt.active():
+    pre = SelectSite().run(model, prompt, sieve, mode, trace=True)
+    cache, rt = pre.cache, pre.hook
+    assert isinstance(rt, SelectRuntime)
+    rows = [pre.logits[0, -1]]
+    with pre.decoding():
         for t in more:
             rows.append(model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True).logits[0, -1])
     return torch.stack(rows), rt
@@ -139,9 +143,10 @@ def test_keep_all_equals_the_full_model(tiny_causal, method, mode):
         ref = model(torch.tensor([list(p.ids) + more])).logits[0, len(p) - 1 :]
     assert (got - ref).abs().max().item() <= 1e-5
     assert all(picked is None for _, _, picked in rt.trace)
-    cache, logits, extra = prefill_with_sieve(model, p, _sieve(method, keep=1.0), mode)
-    with extra["select_runtime"].active():
-        toks, _ = decode_greedy(model, cache, logits, 6, eos=set())
+    pre = prefill_cache(model, p, _sieve(method, keep=1.0), mode)
+    assert isinstance(pre.hook, SelectRuntime)
+    with pre.decoding():
+        toks, _ = decode_greedy(model, pre.cache, pre.logits, 6, eos=set())
     plain = model.generate(torch.tensor([p.ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert toks == plain[0, len(p) :].tolist()
 
@@ -395,10 +400,11 @@ def test_actqkv_cutoff_over_layers_in_a_model():
     p = _prompt(T=120, c1=110)
     sieve = _sieve("actqkv", keep=0.4)
     m = sieve.scorer
-    cache, _, extra = prefill_select(model, p, sieve, "query_aware", trace=True)
-    rt = extra["select_runtime"]
+    pre = SelectSite().run(model, p, sieve, "query_aware", trace=True)
+    cache, rt = pre.cache, pre.hook
+    assert isinstance(rt, SelectRuntime)
     steps = []
-    with torch.inference_mode(), rt.active():
+    with torch.inference_mode(), pre.decoding():
         for t in _tokens(12):
             model(input_ids=torch.tensor([[t]]), cache=cache)
             steps.append(dict(rt.state.blocks))
@@ -466,9 +472,10 @@ def test_sieve_on_inside_model_generate(tiny_causal, method):
     sieve = _sieve(method, keep=0.4)
     with sieve.on(model):
         inside = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, len(p) :]
-    cache, logits, extra = prefill_with_sieve(model, p, sieve, "query_aware")
-    with extra["select_runtime"].active():
-        harness, _ = decode_greedy(model, cache, logits, 6, eos=set())
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    assert isinstance(pre.hook, SelectRuntime)
+    with pre.decoding():
+        harness, _ = decode_greedy(model, pre.cache, pre.logits, 6, eos=set())
     assert inside.tolist() == harness
     assert model.config._attn_implementation == "sdpa"  # restored
 
@@ -501,7 +508,7 @@ def test_runtime_errors(tiny_llama_model):
     # initial + local entries larger than the budget of a step
     sieve = Sieve("tokenselect", budget=10, site="select", options={"n_init": 6, "n_local": 6})
     with pytest.raises(FlowsieveError, match="exceed the budget"):
-        prefill_with_sieve(model, p, sieve, "query_agnostic")
+        prefill_cache(model, p, sieve, "query_agnostic")
     with pytest.raises(FlowsieveError, match="batch size 1"):
         with torch.inference_mode(), _sieve("tokenselect", keep=0.5).on(model):
             model.generate(torch.tensor([p.ids, p.ids]), max_new_tokens=3, do_sample=False)
@@ -517,7 +524,9 @@ def test_runtime_errors(tiny_llama_model):
 
 def test_full_attention_layers(tiny_causal):
     name, model = tiny_causal
-    assert full_attention_layers(model) == ((0, 1) if name == "llama" else (2,))
+    want = (0, 1) if name == "llama" else (2,)
+    assert tuple(i for i, t in enumerate(layer_types(model)) if t == "full_attention") == want
+    assert SelectRuntime(model, _sieve("tokenselect", keep=0.5)).layers == want
 
 
 @pytest.mark.parametrize("with_cache", [False, True])

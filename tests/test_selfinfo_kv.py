@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, prefill_with_sieve
+from flowsieve.inputs import Prompt
 from flowsieve.kvcache import SieveCache
+from flowsieve.methods.base import unit_pool
+from flowsieve.methods.selection import select_topk
 from flowsieve.observe import ObserveSpec, observe
-from flowsieve.sieve import Sieve, select_topk
-from flowsieve.sieves.base import unit_pool
+from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
 
 
 def _ids(T: int, seed: int = 4) -> list[int]:
@@ -73,7 +75,8 @@ def test_sentences_kept_by_mean_surprisal(tiny_llama_model):
         sentences=tuple(t // sent for t in range(T)),
     )
     sieve = Sieve("selfinfo", budget=30, window=4, units="sentence")
-    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_agnostic")
+    pre = prefill_cache(model, p, sieve, "query_agnostic")
+    cache = pre.cache
     nll = _reference_nll(model, ids[:c1])
     means = nll.view(-1, sent).mean(1)  # 10 context sentences
     # protected: the last 4 context tokens (the window); 30 - 4 = 26 -> 5 best sentences + 1 token
@@ -86,7 +89,7 @@ def test_sentences_kept_by_mean_surprisal(tiny_llama_model):
         assert want_full <= kept
         assert set(range(c1 - 4, c1)) <= kept
         assert len(kept) == 30
-    assert extra["kept_entries"] == 30 + (T - c1)
+    assert pre.kept == 30 + (T - c1)
 
 
 def test_refused_where_it_cannot_run(tiny_llama_model):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import CharTokenizer
 
-from flowsieve.generate import build_prompt
-from flowsieve.generate import sentence_index as generate_sentence_index
-from flowsieve.prompt.base import group_tokens, sentence_spans, tokenize_spans
+from flowsieve.inputs import build_prompt
+from flowsieve.inputs import sentence_index as inputs_sentence_index
+from flowsieve.methods.prompt.base import group_tokens, sentence_spans, tokenize_spans
 from flowsieve.sentences import sentence_index
 
 
@@ -79,7 +79,7 @@ def test_sentence_index_maps_token_starts():
     assert list(got) == [*want, len(spans) - 1]
     assert got[text.index(" Then")] == 1 and got[text.index("”")] == 0  # space opens the next one
     assert sentence_index("", [0, 3]) == (0, 0)
-    assert generate_sentence_index is sentence_index  # generate's name is the shared one
+    assert inputs_sentence_index is sentence_index  # the prompt builder's name is the shared one
 
 
 TEXT = (

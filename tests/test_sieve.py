@@ -7,9 +7,11 @@ import torch
 from conftest import CharTokenizer
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, prefill_with_sieve
-from flowsieve.sieve import Sieve, list_methods, select_topk
-from flowsieve.sieves import METHODS
+from flowsieve.inputs import Prompt
+from flowsieve.methods import METHODS
+from flowsieve.methods.selection import select_topk
+from flowsieve.sieve import Sieve, list_methods
+from flowsieve.sites import prefill_cache
 
 PREFILL_METHODS = [n for n, c in METHODS.items() if "prefill" in c.sites]
 
@@ -61,11 +63,11 @@ def test_keep_all_is_identity(tiny_causal, method):
 
     _, model = tiny_causal
     p = _prompt(40, 3, 30)
-    cache, logits, extra = prefill_with_sieve(
+    pre = prefill_cache(
         model, p, Sieve(method, keep=1.0, window=8), "query_aware", CharTokenizer(), chat=False
     )
-    assert extra["kept_entries"] == 40
-    got, _ = decode_greedy(model, cache, logits, 6, eos=set())
+    assert pre.kept == 40
+    got, _ = decode_greedy(model, pre.cache, pre.logits, 6, eos=set())
     ref = model.generate(torch.tensor([p.ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 40:]
     assert got == ref.tolist()
 
@@ -81,7 +83,8 @@ def test_compression_matches_masked_reference(tiny_causal, method, mode):
     # merging methods change the kept keys/values (tested on their own): prune-only here
     options = {"recycle_dropped": False} if method == "vflowopt" else {}
     sieve = Sieve(method, keep=0.5, window=6, options=options)
-    cache, _, extra = prefill_with_sieve(model, p, sieve, mode, CharTokenizer(), chat=False)
+    pre = prefill_cache(model, p, sieve, mode, CharTokenizer(), chat=False)
+    cache, extra = pre.cache, pre.extra
     head = c1 if mode == "query_agnostic" else T
     k = round(0.5 * head)
     more = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(5))
@@ -118,15 +121,15 @@ def test_compression_matches_masked_reference(tiny_causal, method, mode):
     allowed.update(sliding_masks(model, N))
     ref = _per_layer_reference(model, ids, allowed)[:, head:]
     assert (got - ref[:, -4:]).abs().max().item() <= 1e-5
-    assert extra["kept_entries"] == k + (T - head)
+    assert pre.kept == k + (T - head)
 
 
 def test_kv_bytes_drop(tiny_causal):
-    from flowsieve.generate import full_kv_bytes, kv_bytes
+    from flowsieve.kvcache import full_kv_bytes, kv_bytes
 
     _, model = tiny_causal
     p = _prompt(64, 2, 56)
-    cache, _, _ = prefill_with_sieve(model, p, Sieve("snapkv", keep=0.25, window=4), "query_aware")
+    cache = prefill_cache(model, p, Sieve("snapkv", keep=0.25, window=4), "query_aware").cache
     ratio = kv_bytes(cache) / full_kv_bytes(model, 64)
     full_layers = len(cache.sieve_layers) / model.config.num_hidden_layers
     # compressed layers hold a quarter; Gemma's sliding layers hold their window
@@ -166,14 +169,14 @@ def test_budget_errors(tiny_causal):
     _, model = tiny_causal
     p = _prompt(30, 2, 24)
     with pytest.raises(FlowsieveError, match="larger than the prompt"):
-        prefill_with_sieve(model, p, Sieve("recent", budget=31, window=4), "query_aware")
+        prefill_cache(model, p, Sieve("recent", budget=31, window=4), "query_aware")
     with pytest.raises(FlowsieveError, match="smaller than the tokens that must be kept"):
-        prefill_with_sieve(model, p, Sieve("recent", budget=5, window=4), "query_aware")
+        prefill_cache(model, p, Sieve("recent", budget=5, window=4), "query_aware")
 
 
 def test_every_method_is_listed_with_a_paper():
     rows = list_methods()
-    from flowsieve.prompt.base import SCORERS
+    from flowsieve.methods.prompt.base import SCORERS
 
     assert {r["name"] for r in rows} == set(METHODS) | set(SCORERS)
     assert all(r["paper"] and r["sites"] for r in rows)
@@ -188,9 +191,10 @@ def test_chunked_prefill_bounds_the_cache(tiny_causal, method):
     T, c0, c1 = 96, 2, 88
     p = _prompt(T, c0, c1)
     sieve = Sieve(method, keep=0.25, window=8, chunk=16)
-    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    cache = pre.cache
     k = round(0.25 * T)
-    assert extra["peak_entries"] <= k + 16
+    assert pre.extra["peak_entries"] <= k + 16
     for li in cache.sieve_layers:
         pos = cache.layer(li).positions
         assert pos.shape[-1] == k
@@ -203,9 +207,8 @@ def test_chunked_keep_all_is_identity(tiny_causal):
     float summation order, so logits are compared, not near-tied greedy tokens)."""
     _, model = tiny_causal
     p = _prompt(50, 3, 40)
-    cache, logits, _ = prefill_with_sieve(
-        model, p, Sieve("snapkv", keep=1.0, window=8, chunk=16), "query_aware"
-    )
+    pre = prefill_cache(model, p, Sieve("snapkv", keep=1.0, window=8, chunk=16), "query_aware")
+    cache, logits = pre.cache, pre.logits
     more = torch.randint(0, 128, (1, 3), generator=torch.Generator().manual_seed(2))
     got = torch.cat([logits[:, -1:], model(more, cache=cache).logits], dim=1)
     ref = model(torch.cat([torch.tensor([p.ids]), more], dim=1)).logits[:, 49:]
@@ -252,14 +255,14 @@ def test_decode_site_bounded_and_protected(tiny_llama_model, char_tok, method):
 def test_streamingllm_decode_matches_masked_reference(tiny_llama_model):
     """StreamingLLM at the decode site: each step's logits equal a full forward in which every query
     sees only the entries kept before it (sinks + recent) and itself."""
-    from flowsieve.generate import DecodeEvictor, prefill_with_sieve
+    from flowsieve.sites.decode import DecodeEvictor
 
     model = tiny_llama_model
     T, n_new, cap = 20, 10, 12
     p = _prompt(T, 0, T - 2)
     sieve = Sieve("streamingllm", budget=cap, site="decode", window=2)
-    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_aware")
-    protect = extra["protect_mask"]
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    cache, protect = pre.cache, pre.protect
     ev = DecodeEvictor(model, cache, sieve, protect, recent=2)
     toks = torch.randint(0, 128, (n_new,), generator=torch.Generator().manual_seed(9)).tolist()
     seen: list[list[int]] = []

@@ -14,17 +14,19 @@ import pytest
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, prefill_with_sieve
+from flowsieve.inputs import Prompt
 from flowsieve.kvcache import SieveCache
+from flowsieve.methods import METHODS, ScoreContext
+from flowsieve.methods.h2o import H2OScorer
+from flowsieve.methods.keyformer import KeyformerScorer, gumbel_column_sum, gumbel_noise
+from flowsieve.methods.pyramid import PyramidScorer, allocate, layer_weights
+from flowsieve.methods.selection import select_topk
+from flowsieve.methods.todre import ToDREScorer, attention_features, greedy_order
+from flowsieve.methods.transprune import TransPruneScorer, layer_ttv
+from flowsieve.methods.vflowopt import VFlowOptScorer, merge_dropped
 from flowsieve.observe import LayerObs, observe
-from flowsieve.sieve import Sieve, select_topk
-from flowsieve.sieves import METHODS, ScoreContext
-from flowsieve.sieves.h2o import H2OScorer
-from flowsieve.sieves.keyformer import KeyformerScorer, gumbel_column_sum, gumbel_noise
-from flowsieve.sieves.pyramid import PyramidScorer, allocate, layer_weights
-from flowsieve.sieves.todre import ToDREScorer, attention_features, greedy_order
-from flowsieve.sieves.transprune import TransPruneScorer, layer_ttv
-from flowsieve.sieves.vflowopt import VFlowOptScorer, merge_dropped
+from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
 
 NEW = ("keyformer", "todre", "transprune", "vflowopt", "pyramid")
 
@@ -119,10 +121,10 @@ def test_keyformer_without_noise_is_accumulated_attention(tiny_causal, all_rows)
     for c in ctxs:
         torch.testing.assert_close(kf.score(obs.layer(c.layer), c), h2o.score(obs.layer(c.layer), c))
     p = Prompt(ids=tuple(_ids(40)), context=(2, 34), question=(34, 40), split=34)
-    a, _, _ = prefill_with_sieve(
+    a = prefill_cache(
         model, p, Sieve("keyformer", keep=0.5, window=6, options={"noise": False}), "query_aware"
-    )
-    b, _, _ = prefill_with_sieve(model, p, Sieve("h2o", keep=0.5, window=6), "query_aware")
+    ).cache
+    b = prefill_cache(model, p, Sieve("h2o", keep=0.5, window=6), "query_aware").cache
     for i in a.sieve_layers:
         assert torch.equal(a.layer(i).positions, b.layer(i).positions)
 
@@ -228,9 +230,9 @@ def test_todre_keeps_the_greedy_kcenter_set(tiny_causal, relevance):
     obs, ctxs, _ = _observed(model, sc, T=T, w=w)
     p = Prompt(ids=tuple(_ids(T)), context=(0, T), question=None, split=T)  # protected: the window
     for keep in (0.3, 0.5, 0.8):
-        cache, _, _ = prefill_with_sieve(
+        cache = prefill_cache(
             model, p, Sieve("todre", keep=keep, window=w, options={"relevance": relevance}), "query_aware"
-        )
+        ).cache
         k = round(keep * T)
         for i in cache.sieve_layers:
             rows = torch.stack([obs.layer(i).rows[q][..., :T] for q in ctxs[i].window], 2)[0]  # (H, w, T)
@@ -437,8 +439,8 @@ def test_sieve_compress_recycles_for_vflowopt(tiny_causal, mode):
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1 + 2, T), split=c1)
     on = Sieve("vflowopt", keep=0.5, window=6)
     off = Sieve("vflowopt", keep=0.5, window=6, options={"recycle_dropped": False})
-    a, _, _ = prefill_with_sieve(model, p, on, mode)
-    b, _, _ = prefill_with_sieve(model, p, off, mode)
+    a = prefill_cache(model, p, on, mode).cache
+    b = prefill_cache(model, p, off, mode).cache
     changed = 0
     for i in a.sieve_layers:
         assert torch.equal(a.layer(i).positions, b.layer(i).positions)  # same selection
@@ -568,10 +570,11 @@ def test_pyramid_keeps_the_top_of_window_attention_per_layer():
     model = tiny_llama(0, layers=4)
     T, c0, c1, keep = 48, 3, 38, 0.5
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1, T), split=c1)
-    cache, _, extra = prefill_with_sieve(model, p, Sieve("pyramid", keep=keep, window=6), "query_aware")
+    pre = prefill_cache(model, p, Sieve("pyramid", keep=keep, window=6), "query_aware")
+    cache = pre.cache
     k, n_p = round(keep * T), T - (c1 - c0)
     budgets = _brute_budgets(k, n_p, T, _pyramid_weights(4, "linear"))
-    assert extra["kept_entries"] == k and cache.sieve_layers == [0, 1, 2, 3]
+    assert pre.kept == k and cache.sieve_layers == [0, 1, 2, 3]
     model.set_attn_implementation("eager")
     att = model(torch.tensor([p.ids]), output_attentions=True).attentions  # (1, H, T, T) per layer
     H, Hk = 4, 2
@@ -600,11 +603,12 @@ def test_pyramid_cache_per_layer_and_masked_reference():
     T, c0, c1 = 48, 3, 38
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1, T), split=c1)
     sieve = Sieve("pyramid", keep=0.5, window=6)
-    cache, logits, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    cache, logits = pre.cache, pre.logits
     k = 24
     n_p = T - (c1 - c0)
     plan = sieve.scorer.budgets(k, n_p, T, cache.sieve_layers)
-    assert plan[0] > plan[1] and extra["kept_entries"] == k
+    assert plan[0] > plan[1] and pre.kept == k
     for i in cache.sieve_layers:
         assert cache.layer(i).stored_length == plan[i]
     more = [7, 11, 3]
@@ -650,11 +654,10 @@ def test_chunked_prefill(tiny_causal, method):
     _, model = tiny_causal
     T, c0, c1 = 96, 2, 88
     p = Prompt(ids=tuple(_ids(T)), context=(c0, c1), question=(c1, T), split=c1)
-    cache, _, extra = prefill_with_sieve(
-        model, p, Sieve(method, keep=0.25, window=8, chunk=16), "query_aware"
-    )
+    pre = prefill_cache(model, p, Sieve(method, keep=0.25, window=8, chunk=16), "query_aware")
+    cache = pre.cache
     k = round(0.25 * T)
-    assert extra["peak_entries"] <= k + 16 and extra["kept_entries"] == k
+    assert pre.extra["peak_entries"] <= k + 16 and pre.kept == k
     for li in cache.sieve_layers:
         pos = cache.layer(li).positions
         assert pos.shape[-1] == k
@@ -674,15 +677,13 @@ def test_pyramid_refuses_chunked_prefill(tiny_llama_model):
     p = Prompt(ids=tuple(_ids(64)), context=(2, 56), question=(56, 64), split=56)
     assert PyramidScorer.per_layer_budgets
     with pytest.raises(FlowsieveError, match="gives layers different budgets; chunked prefill needs equal"):
-        prefill_with_sieve(
-            tiny_llama_model, p, Sieve("pyramid", keep=0.25, window=8, chunk=16), "query_aware"
-        )
+        prefill_cache(tiny_llama_model, p, Sieve("pyramid", keep=0.25, window=8, chunk=16), "query_aware")
 
 
 def test_flowcut_kernel_pools_neighbours(tiny_causal):
     """flowcut@kernel=k: the per-layer score is SnapKV-style average pooling of the paper's score."""
-    from flowsieve.sieves.base import pool1d
-    from flowsieve.sieves.flowcut import FlowCutScorer
+    from flowsieve.methods.base import pool1d
+    from flowsieve.methods.flowcut import FlowCutScorer
 
     _, model = tiny_causal
     obs, ctxs, _ = _observed(model, FlowCutScorer())

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import pytest
 
-from flowsieve.trace_html import render_trace_html
+from flowsieve.trace.page import render_trace_html
 
 SCRIPT_TOKEN = '</script><script>window.pwned=1;document.title="PWNED"</script>'
 IMG_TOKEN = "<img src=x onerror=\"document.title='PWNED'\">"

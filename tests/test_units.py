@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from flowsieve.errors import FlowsieveError
-from flowsieve.generate import Prompt, build_prompt, prefill_with_sieve, sentence_index
-from flowsieve.sieve import Sieve, select_topk
-from flowsieve.sieves.base import unit_pool
+from flowsieve.inputs import Prompt, build_prompt
+from flowsieve.methods.base import unit_pool
+from flowsieve.methods.selection import select_topk
+from flowsieve.sentences import sentence_index
+from flowsieve.sieve import Sieve
+from flowsieve.sites import prefill_cache
 
 
 def test_sentence_index_cuts_after_end_marks_and_before_line_breaks():
@@ -66,9 +69,10 @@ def test_sentence_units_keep_whole_sentences_and_exact_count(tiny_causal, method
     T, c0, c1, w = 60, 2, 50, 6
     p = _sentence_prompt(T, c0, c1)
     sieve = Sieve(method, keep=0.5, window=w, units="sentence")
-    cache, _, extra = prefill_with_sieve(model, p, sieve, "query_aware")
+    pre = prefill_cache(model, p, sieve, "query_aware")
+    cache = pre.cache
     k = round(0.5 * T)
-    assert extra["kept_entries"] == k
+    assert pre.kept == k
     protect = set(range(c0)) | set(range(c1, T)) | set(range(T - w, T))
     for li in cache.sieve_layers:
         pos = cache.layer(li).positions
@@ -90,11 +94,9 @@ def test_sentence_units_keep_all_is_identity(tiny_causal):
 
     _, model = tiny_causal
     p = _sentence_prompt(40, 3, 30)
-    cache, logits, extra = prefill_with_sieve(
-        model, p, Sieve("snapkv", keep=1.0, window=8, units="sentence"), "query_aware"
-    )
-    assert extra["kept_entries"] == 40
-    got, _ = decode_greedy(model, cache, logits, 5, eos=set())
+    pre = prefill_cache(model, p, Sieve("snapkv", keep=1.0, window=8, units="sentence"), "query_aware")
+    assert pre.kept == 40
+    got, _ = decode_greedy(model, pre.cache, pre.logits, 5, eos=set())
     ref = model.generate(torch.tensor([p.ids]), max_new_tokens=5, do_sample=False, min_new_tokens=5)[0, 40:]
     assert got == ref.tolist()
 
@@ -110,18 +112,18 @@ def test_sentence_units_errors(tiny_causal):
             pass
     p = Prompt(ids=tuple(range(1, 41)), context=(0, 30), question=(30, 40), split=30)  # no map
     with pytest.raises(FlowsieveError, match="sentence map"):
-        prefill_with_sieve(model, p, Sieve("snapkv", keep=0.5, window=8, units="sentence"), "query_aware")
+        prefill_cache(model, p, Sieve("snapkv", keep=0.5, window=8, units="sentence"), "query_aware")
 
 
 def test_bench_method_spelling_sets_units():
-    from flowsieve.bench.runner import _make_sieve
+    from flowsieve.bench.config import _make_sieve
 
     s = _make_sieve(Sieve, "flowcut@kernel=5@units=sentence", 0.25, None, "prefill")
     assert s.units == "sentence" and s.scorer.kernel == 5
 
 
 def test_bench_checks_accept_units():
-    from flowsieve.bench.runner import SweepConfig, check_methods
+    from flowsieve.bench.config import SweepConfig, check_methods
 
     cfg = SweepConfig(
         model="smollm2",

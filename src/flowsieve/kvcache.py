@@ -58,7 +58,17 @@ from flowsieve.errors import FlowsieveError
 
 Policy = Callable[["SieveLayer"], None]
 
-__all__ = ["Policy", "SieveCache", "SieveLayer"]
+__all__ = [
+    "Policy",
+    "SieveCache",
+    "SieveLayer",
+    "drop_last",
+    "full_kv_bytes",
+    "kv_bytes",
+    "layer_types",
+    "plain_cache",
+    "stored_tokens",
+]
 
 
 class SieveLayer(DynamicLayer):
@@ -351,15 +361,8 @@ class SieveCache(Cache):
         return out
 
     def kv_bytes(self) -> int:
-        """Bytes held by keys and values of all layers (sliding layers included)."""
-        total = 0
-        for layer in self.layers:
-            if not getattr(layer, "is_initialized", False):
-                continue
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        """Bytes held by keys and values of all layers (sliding layers included): :func:`kv_bytes`."""
+        return kv_bytes(self)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -379,6 +382,18 @@ class SieveCache(Cache):
                 )
         return out
 
+    def snapshot_fixed(self) -> dict[int, Any]:
+        """Copies of the layers that cannot evict (sliding windows), for :meth:`rewind`."""
+        return {i: _clone_layer(layer) for i, layer in enumerate(self.layers) if i not in self.sieve_layers}
+
+    def rewind(self, n: int, saved: dict[int, Any]) -> None:
+        """Forget the last ``n`` tokens: crop them from the evictable layers (they must still be
+        stored) and put back the copies of the other layers taken before them (:meth:`snapshot_fixed`)."""
+        for i in self.sieve_layers:
+            self.layer(i).crop(-n)
+        for i, layer in saved.items():
+            self.layers[i] = _clone_layer(layer)
+
     def clone(self) -> SieveCache:
         """An independent deep copy of all stored tensors (policies are shared, not copied)."""
         new = copy.copy(self)
@@ -386,3 +401,63 @@ class SieveCache(Cache):
         return new
 
     copy = clone
+
+
+def layer_types(model_or_config: Any) -> tuple[str, ...]:
+    """``"full_attention"`` / ``"sliding_attention"`` / ... per decoder layer (the cache layout)."""
+    return tuple(get_layer_types_and_kwargs(decoder_config(model_or_config, "layer_types"))[0])
+
+
+def plain_cache(model: nn.Module) -> Cache:
+    """transformers' own dynamic cache for ``model`` (the uncompressed reference)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def drop_last(cache: Cache, n: int) -> bool:
+    """Forget the last ``n`` tokens of a plain cache; False when it cannot roll back (a cache with
+    sliding-window layers), and the cache must then be rebuilt."""
+    try:
+        cache.crop(-n)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes held by the keys and values of a cache (any transformers cache; every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def stored_tokens(cache: Any) -> int:
+    """Entries stored per layer (the largest over layers)."""
+    n = 0
+    for layer in getattr(cache, "layers", []):
+        t = getattr(layer, "keys", None)
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            n = max(n, t.shape[-2])
+    return n
+
+
+def full_kv_bytes(model: nn.Module, n_tokens: int) -> int:
+    """Bytes an uncompressed cache of ``n_tokens`` would hold in the model's dtype (sliding-window
+    layers capped at their window)."""
+    from flowsieve.models import head_counts
+
+    cfg = decoder_config(model, "full_kv_bytes")
+    _, n_kv = head_counts(cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    window = getattr(cfg, "sliding_window", None)
+    dtype_bytes = next(model.parameters()).element_size()
+    total = 0
+    for t in layer_types(cfg):
+        n = min(n_tokens, window) if t == "sliding_attention" and window else n_tokens
+        total += 2 * n * n_kv * head_dim * dtype_bytes
+    return total

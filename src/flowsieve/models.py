@@ -239,9 +239,44 @@ def _is_causal(config: Any) -> bool:
     )
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own logging (warnings and progress bars) below errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.set_verbosity_error()
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The decoder text config of a model or a config (itself when it has no sub-configs)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    get = getattr(cfg, "get_text_config", None)
+    return get(decoder=True) if get is not None else cfg
+
+
+def head_counts(model_or_config: Any) -> tuple[int, int]:
+    """(query heads H, key/value heads Hk) of a model's text config."""
+    cfg = text_config(model_or_config)
+    n_heads = int(cfg.num_attention_heads)
+    return n_heads, int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every end-of-sequence id the model's generation config, config or tokenizer names."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
 def context_length(model: Any) -> int | None:
     """The model's maximum number of positions, or None if it does not say."""
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    cfg = text_config(model)
     n = getattr(cfg, "max_position_embeddings", None)
     return int(n) if n else None

@@ -1,7 +1,7 @@
 """Sentence splitting shared by the prompt site and the KV sieves' sentence units.
 
 One rule-based splitter, used both for the prompt-compression site's sentence spans
-(:func:`flowsieve.prompt.base.sentence_spans`) and for the per-token sentence map of a prompt built
+(:func:`flowsieve.methods.prompt.base.sentence_spans`) and for the per-token sentence map of a prompt built
 by :func:`flowsieve.generate.build_prompt` (``units="sentence"``), so that both cut the same text at
 the same places.
 

@@ -18,12 +18,16 @@ from typing import Any
 import torch
 
 from flowsieve.errors import FlowsieveError, did_you_mean
-from flowsieve.observe import Observer, ObserveSpec
-from flowsieve.sieves import METHODS, KVScorer, ScoreContext
-from flowsieve.sieves.base import unit_pool
-from flowsieve.sieves.layer import LayerPruner
+from flowsieve.kvcache import SieveCache
+from flowsieve.methods import METHODS, KVScorer, ScoreContext
+from flowsieve.methods.base import unit_pool
+from flowsieve.methods.selection import select_topk
+from flowsieve.models import head_counts
+from flowsieve.observe import Observer, ObserveSpec, observe
+from flowsieve.sites import SITES as CACHE_SITES
+from flowsieve.sites import TEXT_SITES, get_site
 
-SITES = ("prefill", "decode", "select", "layer", "prompt")
+SITES = (*CACHE_SITES, *TEXT_SITES)
 UNITS = ("token", "sentence")
 ROWS = ("question", "window")
 
@@ -116,19 +120,12 @@ class Sieve:
             raise FlowsieveError(
                 f"method '{self.method}' gives layers different budgets; chunked prefill needs equal ones"
             )
-        if self.site == "layer" and (self.budget is not None or self.chunk is not None):
-            raise FlowsieveError(
-                "the layer site takes keep (a share of the context) and prunes one whole prefill: "
-                "no budget, no chunk"
-            )
         try:
             self.scorer: KVScorer = cls(**self.options)
         except TypeError as e:
             raise FlowsieveError(f"bad option for method '{self.method}': {e}") from None
-        if self.site == "layer":
-            if not isinstance(self.scorer, LayerPruner):
-                raise FlowsieveError(f"method '{self.method}' lists the layer site but cannot prune layers")
-            self.scorer.check_layer_options()
+        if self.site in CACHE_SITES:
+            get_site(self.site).check(self)
 
     def target(self, n_tokens: int) -> int:
         """Entries to keep per layer for a prompt of ``n_tokens``."""
@@ -264,16 +261,14 @@ class Sieve:
         that is compressed right after the forward pass; at the ``decode`` site every later step
         is observed and the cache kept within :meth:`capacity`. At the ``select`` site the cache
         is left whole and every later forward pass attends, per full-attention layer, to the
-        entries the method picks (:mod:`flowsieve.select`). At the ``layer`` site the prefill pass
-        drops context tokens between decoder layers (:mod:`flowsieve.layer_site`; the last
+        entries the method picks (:mod:`flowsieve.sites.select`). At the ``layer`` site the prefill pass
+        drops context tokens between decoder layers (:mod:`flowsieve.sites.layer`; the last
         ``protect_last`` tokens are not context) and later passes run with the pruned cache's
         per-layer masks. Protected: the last ``protect_last`` tokens (the question and what follows
         it; with ``rows="question"`` they are also the observation rows) and the observation rows
         (the last ``window`` prompt tokens when ``protect_last`` is 0). Batch size 1 only. Hooks are always removed on exit.
         """
-        from flowsieve.generate import DecodeEvictor
-        from flowsieve.kvcache import SieveCache
-        from flowsieve.observe import observe
+        from flowsieve.sites.decode import DecodeEvictor
 
         site = site or self.site
         if self.units != "token":
@@ -287,7 +282,7 @@ class Sieve:
         if getattr(self.scorer, "replays", False):
             raise FlowsieveError(
                 f"method '{self.method}' scores by replaying the context, which needs the tokenizer: "
-                "use flowsieve.generate.generate (or prefill_with_sieve), not Sieve.on"
+                "use flowsieve.generate.generate (or flowsieve.sites.prefill_cache), not Sieve.on"
             )
         if site not in self.scorer.sites:
             raise FlowsieveError(
@@ -295,14 +290,14 @@ class Sieve:
             )
         if site == "select":
             # every forward pass selects keys (a first pass over an empty cache attends to all)
-            from flowsieve.select import SelectRuntime
+            from flowsieve.sites.select import SelectRuntime
 
             with SelectRuntime(model, self).active():
                 yield self
             return
         if site == "layer":
             # the prefill pass drops context tokens inside the model; later passes get per-layer masks
-            from flowsieve.layer_site import attach
+            from flowsieve.sites.layer import attach
 
             with attach(model, self, protect_last):
                 yield self
@@ -364,43 +359,10 @@ class Sieve:
                 cm.__exit__(None, None, None)
 
 
-def head_counts(model: Any) -> tuple[int, int]:
-    """(query heads H, key/value heads Hk) of a model's text config."""
-    cfg = model.config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    n_heads = cfg.num_attention_heads
-    return n_heads, getattr(cfg, "num_key_value_heads", None) or n_heads
-
-
-def select_topk(scores: torch.Tensor, protect: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the protected entries plus the best others, k in all, ascending.
-
-    Args:
-        scores: (B, T) shared by heads or (B, Hk, T) per KV head; B must be 1.
-        protect: bool (T,), or (1, Hk|1, T) per KV head.
-        k: entries to keep (>= protected entries).
-
-    Returns:
-        (k,) when both are shared by all heads, else (1, Hk, k).
-    """
-    if scores.shape[0] != 1:
-        raise FlowsieveError(
-            "sieves run one sequence at a time (batch size 1); padded batches are not supported"
-        )
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    if s.dim() == 2:
-        s = s[:, None]  # (1, 1, T)
-    if protect.dim() == 1:
-        protect = protect[None, None]
-    s = torch.where(protect, torch.finfo(s.dtype).max, s)  # (1, Hk|1, T)
-    idx = s.topk(k, dim=-1).indices.sort(dim=-1).values
-    return idx[0, 0] if idx.shape[1] == 1 else idx
-
-
 def list_methods() -> list[dict[str, Any]]:
     """name, sites and paper of every registered method: KV and layer methods and prompt scorers
     (site ``prompt``); a name registered in both lists all its sites and both citations."""
-    from flowsieve.prompt.base import SCORERS
+    from flowsieve.methods.prompt import SCORERS
 
     rows = {n: {"name": n, "sites": list(c.sites), "paper": c.paper} for n, c in METHODS.items()}
     for n, c in SCORERS.items():

@@ -20,7 +20,7 @@
     return e;
   }
   function isObj(x) { return x !== null && typeof x === "object" && !Array.isArray(x); }
-  function isNum(x) { return typeof x === "number" && isFinite(x); }
+  function isNum(x) { return typeof x === "number" && Number.isFinite(x); }
   function isInt(x) { return typeof x === "number" && Math.floor(x) === x; }
   function repr(s) { return JSON.stringify(String(s)); }
   function fmt(v, digits) {
@@ -160,7 +160,7 @@
     function writeHashNow() {
       var h = "#layer=" + state.layer + "&signal=" + encodeURIComponent(state.signal || "") +
         "&scale=" + state.scale;
-      try { history.replaceState(null, "", h); } catch (e) { /* not allowed here */ }
+      try { history.replaceState(null, "", h); } catch (_e) { /* not allowed here */ }
     }
 
     // ---------- controls ----------
@@ -287,7 +287,7 @@
       curRow = row;
       gen++;
       for (var i = 0; i < T; i++) {
-        var v = norm[i], k = v === v ? Math.round(v * (SHADES - 1)) : -1;
+        var v = norm[i], k = Number.isNaN(v) ? -1 : Math.round(v * (SHADES - 1));
         if (k !== shadeOf[i]) {
           shadeOf[i] = k;
           spans[i].style.backgroundColor = k < 0 ? "" : TOK_PAL[Math.round(k * 255 / (SHADES - 1))];

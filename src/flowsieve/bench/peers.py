@@ -3,7 +3,7 @@
 Each peer runs in its own virtual environment (kvpress needs ``transformers<5.3``, LLMLingua-1 needs
 ``transformers==4.44``; flowsieve needs 5.24), created once by :func:`ensure_env` under
 ``.venv-peers/<system>/`` in the repository root and reused afterwards. :func:`run_peer` writes the
-items to a JSONL file, runs the peer's runner script (``bench/peers/<system>_runner.py``) with that
+items to a JSONL file, runs the peer's runner script (``benchmarks/peers/<system>_runner.py``) with that
 environment's python, and reads back one row per item with the same fields flowsieve's own runs
 report (:class:`flowsieve.generate.GenResult`). The runners call the peers' public APIs; no peer
 code is copied into flowsieve.
@@ -11,7 +11,7 @@ code is copied into flowsieve.
 Models: both runners load the bundled SmolLM2; kvpress also the bundled Gemma-3-270M
 (``PeerSpec.models``; LLMLingua's transformers 4.44 cannot read Gemma-3). The GGUF is converted once
 inside each peer's environment (a tokenizer must be read by the transformers version that saved it;
-Gemma-3's tokenizer is the one flowsieve's transformers converts, see ``bench/peers/_common.py``).
+Gemma-3's tokenizer is the one flowsieve's transformers converts, see ``benchmarks/peers/_common.py``).
 
 Gemma-3 and kvpress (option ``layers``, spelled ``snapkv@layers=all``): kvpress 0.5.5 presses every
 layer of a text-only ``Gemma3ForCausalLM``, its sliding-window layers included (it leaves them out for
@@ -19,11 +19,11 @@ the multimodal Gemma-3 only); measured on gemma3-270m that gave degenerate answe
 than the uncompressed one. Our adaptation, the default ``layers=full``, presses only the full-attention
 layers (through kvpress's ``PerLayerCompressionPress`` with ratio 0 on the sliding-window layers; AdaKV
 through a small wrapper in the runner), keeps transformers' sliding-window cache layers (at most the
-window) and fixes the question's mask on the pressed layers; see ``bench/peers/kvpress_runner.py``.
+window) and fixes the question's mask on the pressed layers; see ``benchmarks/peers/kvpress_runner.py``.
 ``layers=all`` is kvpress as shipped. SmolLM2 has full-attention layers only: both are the same there.
 Rows record the choice (``extra["layers"]``, ``extra["pressed_layers"]``).
 
-Prompt: flowsieve's :func:`flowsieve.generate.build_prompt` with ``chat`` as the sweep has it: the
+Prompt: flowsieve's :func:`flowsieve.inputs.build_prompt` with ``chat`` as the sweep has it: the
 text ``context + "\\n\\n" + question + "\\nAnswer briefly."`` as one user turn of the chat template
 (``chat=True``), or as it is with the tokenizer's special tokens (``chat=False``, e.g. Gemma-3's
 ``<bos>``); greedy decoding. :func:`run_peer` tokenizes every item with flowsieve's own tokenizer and
@@ -49,94 +49,31 @@ Modes (see each runner's docstring for the details, which are also written into 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowsieve.errors import FlowsieveError, did_you_mean, unknown
-
-MODES = ("query_aware", "query_agnostic")
-
-TORCH_PIN = "torch==2.13.0"
-"""Installed first, alone: the local CPU wheel. An unpinned torch pulls a multi-GB CUDA build."""
-
-
-@dataclass(frozen=True)
-class PeerSpec:
-    """How to build a peer's environment and run it."""
-
-    system: str
-    package: str
-    """The peer's pip requirement, pinned."""
-    requirements: tuple[str, ...]
-    """Installed together with ``package`` (after torch)."""
-    methods: dict[str, str]
-    """Our method name -> the peer's class or method it runs."""
-    runner: str
-    """File name of the runner script in ``bench/peers/``."""
-    only_modes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Methods that run in some modes only (method -> modes); the rest run in both."""
-    models: tuple[str, ...] = ("smollm2",)
-    """The bundled models (``flowsieve.models.BUNDLED``) the runner loads."""
-    models_note: str = ""
-    """Why other bundled models are not supported (said in the error)."""
-    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Method options, spelled ``method@name=value`` (name -> its values, the first the default)."""
-
-    def modes(self, method: str) -> tuple[str, ...]:
-        return self.only_modes.get(method, MODES)
-
-
-PEERS: dict[str, PeerSpec] = {
-    "kvpress": PeerSpec(
-        system="kvpress",
-        package="kvpress==0.5.5",
-        requirements=("transformers>=4.56,<5.3", "gguf>=0.10", "accelerate>=1.0", "psutil>=5.9"),
-        methods={
-            "snapkv": "SnapKVPress",
-            "streaming_llm": "StreamingLLMPress",
-            "tova": "TOVAPress",
-            "knorm": "KnormPress",
-            "observed_attention": "ObservedAttentionPress",
-            "expected_attention": "ExpectedAttentionPress",
-            "keydiff": "KeyDiffPress",
-            "pyramidkv": "PyramidKVPress",
-            "adakv_expected_attention": "AdaKVPress(ExpectedAttentionPress)",
-        },
-        runner="kvpress_runner.py",
-        models=("smollm2", "gemma3-270m"),
-        # full: only full-attention layers are pressed (our adaptation for Gemma-3's sliding-window
-        # layers; every layer of SmolLM2); all: every layer, kvpress 0.5.5 as shipped
-        options={"layers": ("full", "all")},
-    ),
-    "llmlingua": PeerSpec(
-        system="llmlingua",
-        package="llmlingua==0.2.2",
-        # LLMLingua-1 unpacks tuple caches: transformers 5 fails ("too many values to unpack")
-        requirements=("transformers==4.44.*", "gguf>=0.10", "accelerate>=1.0", "psutil>=5.9"),
-        methods={
-            "llmlingua": "LLMLingua-1 (PromptCompressor.compress_prompt, rank_method='llmlingua')",
-            "longllmlingua": "LongLLMLingua (PromptCompressor.compress_prompt, rank_method='longllmlingua')",
-        },
-        runner="llmlingua_runner.py",
-        # LongLLMLingua ranks and prunes with the question; compress_prompt refuses to run without one
-        only_modes={"longllmlingua": ("query_aware",)},
-        models_note="its environment's transformers 4.44 cannot read Gemma-3",
-    ),
-}
-
-PEER_METHODS: dict[str, dict[str, str]] = {s: dict(p.methods) for s, p in PEERS.items()}
-"""Per peer system: our method name -> what the peer runs (kvpress press class, LLMLingua variant)."""
+from flowsieve.bench.peer_envs import (
+    MODES,
+    PEER_METHODS,
+    _locked,
+    ensure_env,
+    env_python,
+    env_ready,
+    one_line,
+    parse_peer_method,
+    peer_method,
+    peer_spec,
+    peers_dir,
+    runner_path,
+)
+from flowsieve.errors import FlowsieveError, did_you_mean
 
 ROW_FIELDS = (
     "item_id",
@@ -152,204 +89,6 @@ ROW_FIELDS = (
     "extra",
 )
 """The keys of every row :func:`run_peer` returns."""
-
-BUILD_TIMEOUT_S = 1800
-ERROR_TAG = "FLOWSIEVE-PEER-ERROR:"
-"""A runner's last stderr line starting with this is its one-line reason for failing."""
-
-
-# --- names -------------------------------------------------------------------------------------------
-
-
-def peer_spec(system: str) -> PeerSpec:
-    """The spec of peer ``system``; unknown names raise :class:`FlowsieveError` with a suggestion."""
-    spec = PEERS.get(system)
-    if spec is None:
-        raise unknown("peer", str(system), PEERS)
-    return spec
-
-
-def parse_peer_method(system: str, method: str) -> tuple[str, dict[str, str]]:
-    """``"snapkv@layers=all"`` -> ``("snapkv", {"layers": "all"})``: our method name and its options,
-    every option of the peer filled in (the default where not given). Unknown names and values raise
-    :class:`FlowsieveError` with a suggestion."""
-    from flowsieve.bench.runner import parse_method
-
-    spec = peer_spec(system)
-    name, given = parse_method(str(method))
-    if name not in spec.methods:
-        names = list(spec.methods)
-        raise FlowsieveError(
-            f"{system} has no method '{name}'{did_you_mean(name, names)}; methods: {', '.join(names)}"
-        )
-    options = {k: values[0] for k, values in spec.options.items()}
-    for key, value in given.items():
-        if key not in spec.options:
-            known = list(spec.options)
-            raise FlowsieveError(
-                f"{system} has no method option '{key}'{did_you_mean(key, known)}; "
-                f"options: {', '.join(known) or '(none)'}"
-            )
-        values = spec.options[key]
-        if str(value) not in values:
-            raise FlowsieveError(
-                f"{system} option {key} must be one of {', '.join(values)}, got {value!r}"
-                f"{did_you_mean(str(value), values)}"
-            )
-        options[key] = str(value)
-    return name, options
-
-
-def peer_method(system: str, method: str) -> str:
-    """What the peer runs for our method name ``method`` (e.g. ``snapkv`` -> ``SnapKVPress``); options
-    given in the name are added (``snapkv@layers=all`` -> ``SnapKVPress (layers=all)``)."""
-    from flowsieve.bench.runner import parse_method
-
-    name, options = parse_peer_method(system, method)
-    what = peer_spec(system).methods[name]
-    given = parse_method(str(method))[1]
-    return f"{what} ({', '.join(f'{k}={options[k]}' for k in given)})" if given else what
-
-
-# --- environments ------------------------------------------------------------------------------------
-
-
-def repo_root() -> Path:
-    """The checkout flowsieve runs from (peer environments and runner scripts live there)."""
-    return Path(__file__).resolve().parents[3]
-
-
-def peers_dir() -> Path:
-    """Where the peer environments live: ``$FLOWSIEVE_PEERS_DIR`` or ``<repo>/.venv-peers``."""
-    env = os.environ.get("FLOWSIEVE_PEERS_DIR")
-    return Path(env) if env else repo_root() / ".venv-peers"
-
-
-def runner_path(system: str) -> Path:
-    """The runner script of peer ``system`` (``bench/peers/<system>_runner.py`` in the checkout)."""
-    path = repo_root() / "bench" / "peers" / peer_spec(system).runner
-    if not path.is_file():
-        raise FlowsieveError(
-            f"the {system} runner script {path} is missing (peers run from a flowsieve checkout, "
-            "not from an installed wheel)"
-        )
-    return path
-
-
-def env_python(env: Path) -> Path:
-    return env / "bin" / "python"
-
-
-def _install_steps(spec: PeerSpec) -> list[list[str]]:
-    # torch alone first, so the resolver sees it installed and never reaches for a CUDA build
-    return [[TORCH_PIN], [spec.package, *spec.requirements]]
-
-
-def _spec_hash(spec: PeerSpec) -> str:
-    key = json.dumps({"steps": _install_steps(spec), "python": sys.version_info[:2]})
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-STAMP = ".flowsieve-peer.json"
-
-
-def env_ready(system: str) -> bool:
-    """Whether the environment of ``system`` exists and was built from the current spec."""
-    env = peers_dir() / system
-    try:
-        stamp = json.loads((env / STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    return stamp.get("spec") == _spec_hash(peer_spec(system)) and env_python(env).exists()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (two bench processes must not build one env at once)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """The most telling line of a tool's output: the last ``ERROR``/exception line, else the last line."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    tagged = [ln for ln in lines if ln.startswith(ERROR_TAG)]
-    if tagged:
-        line = tagged[-1][len(ERROR_TAG) :].strip()
-    else:
-        errs = [ln for ln in lines if ln.startswith("ERROR") or "Error:" in ln or "Exception:" in ln]
-        line = errs[-1] if errs else lines[-1]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _run_step(cmd: Sequence[str], what: str, timeout: float) -> None:
-    try:
-        proc = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired as e:
-        raise FlowsieveError(f"{what} took longer than {timeout:.0f}s") from e
-    except OSError as e:
-        raise FlowsieveError(f"{what} could not start: {e}") from e
-    if proc.returncode != 0:
-        raise FlowsieveError(f"{what} failed: {one_line(proc.stderr or proc.stdout)}")
-
-
-def ensure_env(system: str, *, timeout: float = BUILD_TIMEOUT_S) -> Path:
-    """The virtual environment of peer ``system``, created on first use and reused afterwards.
-
-    Created under ``.venv-peers/<system>/`` (see :func:`peers_dir`) with this interpreter's ``venv``;
-    ``torch==2.13.0`` is installed first and alone (the local CPU wheel), then the peer pinned with
-    its transformers range, gguf and accelerate. A stamp file records the spec it was built from: a
-    changed spec, or a build that was interrupted, rebuilds it from scratch. Downloads from PyPI
-    (minutes). Failures raise :class:`FlowsieveError` with pip's reason in one line.
-    """
-    spec = peer_spec(system)
-    root = peers_dir()
-    env = root / system
-    with _locked(root / f".{system}.lock"):
-        if env_ready(system):
-            return env
-        shutil.rmtree(env, ignore_errors=True)
-        t0 = time.perf_counter()
-        _run_step([sys.executable, "-m", "venv", str(env)], f"creating the {system} environment", timeout)
-        pip = [str(env_python(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        for step in _install_steps(spec):
-            _run_step(pip + step, f"installing {' '.join(step)} into the {system} environment", timeout)
-        versions = _env_versions(env)
-        stamp = {
-            "spec": _spec_hash(spec),
-            "steps": _install_steps(spec),
-            "built_s": round(time.perf_counter() - t0, 1),
-            "versions": versions,
-        }
-        (env / STAMP).write_text(json.dumps(stamp, indent=1))
-    return env
-
-
-def _env_versions(env: Path) -> dict[str, str]:
-    code = (
-        "import json, importlib.metadata as m\n"
-        "out = {}\n"
-        "for p in ('torch', 'transformers', 'tokenizers', 'kvpress', 'llmlingua', 'gguf', 'accelerate'):\n"
-        "    try: out[p] = m.version(p)\n"
-        "    except m.PackageNotFoundError: pass\n"
-        "print(json.dumps(out))"
-    )
-    try:
-        proc = subprocess.run([str(env_python(env)), "-c", code], capture_output=True, text=True, timeout=120)
-        return json.loads(proc.stdout)
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return {}
 
 
 # --- items and rows ----------------------------------------------------------------------------------
@@ -509,7 +248,7 @@ def run_peer(
         threads: torch threads in the runner.
         chat: flowsieve's prompt with the chat template (``True``) or plain text with the tokenizer's
             special tokens (``False``; models without a chat template, e.g. gemma3-270m), as
-            :func:`flowsieve.generate.build_prompt` builds it.
+            :func:`flowsieve.inputs.build_prompt` builds it.
         timeout: seconds for the whole run (default: 600 + 600 per item; a guard against hangs:
             LongLLMLingua alone took up to 100 s per 500-token item on a busy 2-core machine).
         build: create the environment when it is missing (else a missing one is an error).
@@ -539,7 +278,7 @@ def run_peer(
                 f"the {system} environment {env} does not exist or is incomplete; create it with "
                 f"flowsieve.bench.peers.ensure_env('{system}')"
             )
-    from flowsieve.generate import build_prompt
+    from flowsieve.inputs import build_prompt
     from flowsieve.models import BUNDLED
 
     gguf_dir, gguf_file = BUNDLED[model_name].locate()
@@ -623,7 +362,7 @@ def _save_log(system: str, method: str, text: str) -> Path | None:
 
 
 def _instruction() -> str:
-    from flowsieve.generate import DEFAULT_INSTRUCTION
+    from flowsieve.inputs import DEFAULT_INSTRUCTION
 
     return DEFAULT_INSTRUCTION
 
@@ -647,3 +386,17 @@ def _runner_env(threads: int) -> dict[str, str]:
         }
     )
     return env
+
+
+__all__ = [
+    "PEER_METHODS",
+    "ROW_FIELDS",
+    "ensure_env",
+    "flowsieve_tokenizer",
+    "item_record",
+    "parse_peer_method",
+    "peer_cache_dir",
+    "read_jsonl",
+    "run_peer",
+    "write_jsonl",
+]
