@@ -15,12 +15,16 @@ trace: setup
 		--json out/trace.json --html out/trace.html
 
 test: dev
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/lint-imports
+	bash scripts/lint_assets.sh
 	OMP_NUM_THREADS=2 .venv/bin/python -m pytest -q
 
 lint: dev
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff format --check src tests benchmarks scripts
+	.venv/bin/lint-imports
+	bash scripts/lint_assets.sh
 
 bench-trace: setup
 	.venv/bin/python benchmarks/trace_overhead.py --tokens 4096

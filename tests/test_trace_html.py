@@ -198,7 +198,7 @@ def test_minimal_and_bad_input():
 
 
 def _asset(name: str) -> str:
-    return resources.files("flowsieve").joinpath("assets", name).read_text(encoding="ascii")
+    return resources.files("flowsieve").joinpath("trace", "assets", name).read_text(encoding="ascii")
 
 
 def _unbalanced(text: str, js: bool) -> str | None:

@@ -449,15 +449,15 @@ def stored_tokens(cache: Any) -> int:
 def full_kv_bytes(model: nn.Module, n_tokens: int) -> int:
     """Bytes an uncompressed cache of ``n_tokens`` would hold in the model's dtype (sliding-window
     layers capped at their window)."""
-    from flowsieve.models import head_counts
+    from flowsieve.models import head_counts, head_dim
 
     cfg = decoder_config(model, "full_kv_bytes")
     _, n_kv = head_counts(cfg)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    width = head_dim(cfg)
     window = getattr(cfg, "sliding_window", None)
     dtype_bytes = next(model.parameters()).element_size()
     total = 0
     for t in layer_types(cfg):
         n = min(n_tokens, window) if t == "sliding_attention" and window else n_tokens
-        total += 2 * n * n_kv * head_dim * dtype_bytes
+        total += 2 * n * n_kv * width * dtype_bytes
     return total

@@ -239,6 +239,26 @@ def _is_causal(config: Any) -> bool:
     )
 
 
+def transformers_version() -> str:
+    """The version of the transformers library flowsieve runs on."""
+    import transformers
+
+    return transformers.__version__
+
+
+def bundled_tokenizer(name: str, saved: Path | None = None) -> Any:
+    """The tokenizer of bundled model ``name``: read from ``saved`` (a ``save_pretrained`` directory)
+    when it holds one, else converted from the model's GGUF."""
+    from transformers import AutoTokenizer
+
+    if saved is not None and (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    if name not in BUNDLED:
+        raise FlowsieveError(f"unknown bundled model '{name}'{did_you_mean(name, BUNDLED)}")
+    gguf_dir, gguf_file = BUNDLED[name].locate()
+    return AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+
+
 def quiet_transformers() -> None:
     """Silence transformers' own logging (warnings and progress bars) below errors."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -259,6 +279,12 @@ def head_counts(model_or_config: Any) -> tuple[int, int]:
     cfg = text_config(model_or_config)
     n_heads = int(cfg.num_attention_heads)
     return n_heads, int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+
+
+def head_dim(model_or_config: Any) -> int:
+    """Width of one attention head of a model's text config."""
+    cfg = text_config(model_or_config)
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -193,19 +193,12 @@ def flowsieve_tokenizer(model_name: str) -> tuple[Any, Path]:
     """Flowsieve's tokenizer of bundled ``model_name`` (what its own cells tokenize with) and a directory
     it is saved in (``<cache>/peers/flowsieve-tokenizers/<name>-tf<version>``), converted from the GGUF
     by flowsieve's transformers once. Loaded once per process."""
-    import transformers
-    from transformers import AutoTokenizer
+    from flowsieve.models import bundled_tokenizer, transformers_version
 
-    from flowsieve.models import BUNDLED
-
-    target = peer_cache_dir() / "flowsieve-tokenizers" / f"{model_name}-tf{transformers.__version__}"
+    target = peer_cache_dir() / "flowsieve-tokenizers" / f"{model_name}-tf{transformers_version()}"
     tok = _TOKENIZERS.get(model_name)
     if tok is None:
-        if (target / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(target)
-        else:
-            gguf_dir, gguf_file = BUNDLED[model_name].locate()
-            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        tok = bundled_tokenizer(model_name, target)
         _TOKENIZERS[model_name] = tok
     if not (target / "tokenizer_config.json").exists():
         with _locked(target.with_name(target.name + ".lock")):

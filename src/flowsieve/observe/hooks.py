@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from flowsieve.errors import FlowsieveError
+from flowsieve.models import text_config
 from flowsieve.observe.adapter import _layer_blocks, decoder_layers
 from flowsieve.observe.attention import _ACTIVE, ATTN_NAME, register
 from flowsieve.observe.spec import Observer, ObserveSpec
@@ -66,8 +67,7 @@ def _surprisal_hooks(obs: Observer, rows: int = 256) -> list[Any]:
         raise FlowsieveError(
             f"surprisal needs a causal LM with an output head; {type(model).__name__} has none"
         )
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    cap = getattr(cfg, "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -44,7 +44,7 @@ _JSON_ESCAPES = {
 @functools.cache
 def _asset(name: str) -> str:
     """The text of ``assets/<name>`` (the page's stylesheet or script), shipped with the package."""
-    return resources.files("flowsieve").joinpath("assets", name).read_text(encoding="ascii")
+    return resources.files("flowsieve").joinpath("trace", "assets", name).read_text(encoding="ascii")
 
 
 def _style() -> str:

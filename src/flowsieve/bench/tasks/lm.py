@@ -28,6 +28,7 @@ from flowsieve.bench.tasks.context import build_context
 from flowsieve.bench.tasks.data import essay_sentences
 from flowsieve.bench.tasks.needles import essay_stream
 from flowsieve.errors import FlowsieveError
+from flowsieve.models import head_counts, head_dim, text_config
 
 DEFAULT_LENGTH = 1024
 DEFAULT_CONTINUATION = 128
@@ -135,17 +136,16 @@ def decode_flops_per_token(config: Any, steps: int = IC_STEPS) -> float:
     as in the paper. ``config`` is a transformers config (its text config is used).
     """
     check_int("steps", steps, 1)
-    cfg = getattr(config, "get_text_config", lambda: config)()
+    cfg = text_config(config)
     try:
         d = int(cfg.hidden_size)
         layers = int(cfg.num_hidden_layers)
-        heads = int(cfg.num_attention_heads)
+        heads, kv_heads = head_counts(cfg)
         d_ff = int(cfg.intermediate_size)
         vocab = int(cfg.vocab_size)
+        d_k = head_dim(cfg)
     except (AttributeError, TypeError) as e:
         raise FlowsieveError(f"cannot count the FLOPs of this model: its config lacks {e}") from None
-    d_k = int(getattr(cfg, "head_dim", None) or d // heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     q, kv = heads * d_k, kv_heads * d_k
     per_layer = 2 * d * q + 2 * q * d + 2 * 2 * d * kv + 6 * d * d_ff
     fixed = steps * (layers * per_layer + 2 * d * vocab)
