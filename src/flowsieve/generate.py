@@ -230,6 +230,7 @@ def generate_many(
     """
     from flowsieve.sites.prefill import check_shareable
 
+    sieves = [s.resolve(mode) for s in sieves]  # method="default" -> the mode's default
     check_shareable(sieves)
     if not sieves:
         return []

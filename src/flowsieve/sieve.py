@@ -11,6 +11,7 @@ cache. Kept keys keep their original positions; later tokens get absolute positi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,18 +19,36 @@ from typing import Any
 import torch
 
 from flowsieve.errors import FlowsieveError, did_you_mean
-from flowsieve.kvcache import SieveCache
+from flowsieve.inputs import DEFAULT_INSTRUCTION, checked_prompt
+from flowsieve.kvcache import SieveCache, plain_cache
 from flowsieve.methods import METHODS, KVScorer, ScoreContext
 from flowsieve.methods.base import unit_pool
 from flowsieve.methods.selection import select_topk
-from flowsieve.models import head_counts
+from flowsieve.models import eos_ids, head_counts
 from flowsieve.observe import Observer, ObserveSpec, observe
 from flowsieve.sites import SITES as CACHE_SITES
-from flowsieve.sites import TEXT_SITES, get_site
+from flowsieve.sites import TEXT_SITES, get_site, prefill_cache
 
 SITES = (*CACHE_SITES, *TEXT_SITES)
 UNITS = ("token", "sentence")
 ROWS = ("question", "window")
+DEFAULT = "default"
+# What ``method="default"`` means in each mode: the flowsieve candidate of highest aggregate
+# (:mod:`flowsieve.bench.choose`) on the headline suite (unseen seeds and haystacks, both bundled
+# models; README "Results"). Sieve fields other than these come from the sieve itself.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "query_aware": {"method": "fusion", "units": "sentence"},
+    "query_agnostic": {"method": "selfinfo", "units": "sentence"},
+}
+DEFAULT_WHY = "highest mean share of the full context's results kept on the headline suite"
+# model.generate arguments that Sieve.generate sets itself or cannot honour
+_OWNED_GENERATE_KWARGS = frozenset(
+    (
+        *("inputs", "input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position"),
+        *("cache", "past_key_values", "use_cache", "prefill_chunk_size"),
+        *("output_attentions", "output_hidden_states"),
+    )
+)
 
 
 @dataclass
@@ -68,7 +87,7 @@ class Sieve:
             extension, off by default (the papers keep the question's prefill entries).
     """
 
-    method: str
+    method: str = DEFAULT
     keep: float | None = None
     budget: int | None = None
     site: str = "prefill"
@@ -81,6 +100,9 @@ class Sieve:
     rows: str = "question"
 
     def __post_init__(self) -> None:
+        if self.method == DEFAULT:
+            self._check_default()
+            return
         cls = METHODS.get(self.method)
         if self.units not in UNITS:
             raise FlowsieveError(
@@ -126,6 +148,30 @@ class Sieve:
             raise FlowsieveError(f"bad option for method '{self.method}': {e}") from None
         if self.site in CACHE_SITES:
             get_site(self.site).check(self)
+
+    def _check_default(self) -> None:
+        """``method="default"`` picks method, units and refeed per mode (:data:`DEFAULTS`); every
+        mode's pick must accept this sieve's other settings."""
+        if self.options or self.units != "token" or self.refeed:
+            raise FlowsieveError(
+                "method 'default' chooses its own options, units and refeed: name a method to set them"
+            )
+        for mode in DEFAULTS:
+            try:
+                self.resolve(mode)
+            except FlowsieveError as e:
+                raise FlowsieveError(f"the default sieve ({describe_default(mode)}): {e}") from None
+
+    def resolve(self, mode: str) -> Sieve:
+        """This sieve with ``method="default"`` replaced by the default of ``mode`` (itself when it
+        names a method). Every entry point (sites, ``generate``, ``Sieve.on``) resolves first."""
+        if self.method != DEFAULT:
+            return self
+        if mode not in DEFAULTS:
+            raise FlowsieveError(
+                f"unknown mode '{mode}'{did_you_mean(mode, DEFAULTS)}; known: {', '.join(DEFAULTS)}"
+            )
+        return dataclasses.replace(self, **DEFAULTS[mode])
 
     def target(self, n_tokens: int) -> int:
         """Entries to keep per layer for a prompt of ``n_tokens``."""
@@ -270,10 +316,22 @@ class Sieve:
         """
         from flowsieve.sites.decode import DecodeEvictor
 
+        if self.method == DEFAULT:  # the question is the last protect_last tokens, if any
+            with self.resolve("query_aware" if protect_last else "query_agnostic").on(
+                model, site, protect_last
+            ) as resolved:
+                yield resolved
+            return
         site = site or self.site
         if self.units != "token":
             raise FlowsieveError(
-                f"units='{self.units}' needs the prompt's sentence map: use flowsieve.generate, not Sieve.on"
+                f"units='{self.units}' needs the prompt's sentence map, which Sieve.on never sees: use "
+                "sieve.generate(model, tokenizer, context, question, ...) (model.generate on the compressed cache)"
+            )
+        if self.refeed:
+            raise FlowsieveError(
+                "refeed feeds the question again after compressing, which Sieve.on cannot do inside one "
+                "model(...) call: use sieve.generate(model, tokenizer, context, question, ...)"
             )
         if site not in ("prefill", "decode", "select", "layer"):
             raise FlowsieveError(
@@ -282,7 +340,7 @@ class Sieve:
         if getattr(self.scorer, "replays", False):
             raise FlowsieveError(
                 f"method '{self.method}' scores by replaying the context, which needs the tokenizer: "
-                "use flowsieve.generate.generate (or flowsieve.sites.prefill_cache), not Sieve.on"
+                "use sieve.generate(model, tokenizer, context, ...) or flowsieve.generate.generate, not Sieve.on"
             )
         if site not in self.scorer.sites:
             raise FlowsieveError(
@@ -303,7 +361,10 @@ class Sieve:
                 yield self
             return
         if self.chunk is not None:
-            raise FlowsieveError("chunked prefill runs through flowsieve.generate.generate, not Sieve.on")
+            raise FlowsieveError(
+                "chunked prefill runs through sieve.generate(model, tokenizer, context, ...) or "
+                "flowsieve.generate.generate, not Sieve.on"
+            )
         state: dict[str, Any] = {}
 
         def pre(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -357,6 +418,132 @@ class Sieve:
             cm = state.pop("cm", None)
             if cm is not None:
                 cm.__exit__(None, None, None)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        context: str,
+        question: str | None = None,
+        *,
+        mode: str = "query_aware",
+        chat: bool = True,
+        instruction: str | None = DEFAULT_INSTRUCTION,
+        max_new_tokens: int = 32,
+        **generate_kwargs: Any,
+    ) -> list[int]:
+        """``model.generate`` on this sieve's compressed cache: the new token ids.
+
+        Builds the prompt of :func:`flowsieve.generate.generate` from ``context`` and ``question``
+        (same ``mode``, ``chat`` and ``instruction``), prefills and compresses it with
+        :func:`flowsieve.sites.prefill_cache` (so every prefill-site option works: ``units="sentence"``,
+        ``refeed``, ``chunk``, replaying methods), then lets ``model.generate`` continue from that
+        cache. Greedy decoding (``do_sample=False``) gives token for token what
+        ``flowsieve.generate.generate(..., sieve=self).token_ids`` gives; any other setting of
+        ``generate`` (sampling, logits processors, stopping criteria, streamers) applies as usual.
+
+        How it is fed: ``model.generate(input_ids=<all prompt ids>, cache=<compressed cache>)``. The
+        cache reports every prompt token as seen (``get_seq_length()`` is absolute), so the prompt
+        is not fed again; ``generate``'s first forward pass is answered with the prefill's own
+        last-position logits (computed, in query-aware mode, before compression, as
+        :func:`flowsieve.generate.decode_greedy` uses them): a one-token stand-in pass on a
+        throwaway cache gives its output object, whose logits and cache are replaced. Every later
+        step feeds one new token at its absolute position on the compressed cache.
+
+        Args:
+            model, tokenizer: a causal LM and its tokenizer.
+            context: the compressible text; question: asked after it (query-aware mode needs one
+                to observe with; ``refeed`` requires it).
+            mode: ``"query_aware"`` or ``"query_agnostic"`` (:data:`flowsieve.inputs.MODES`).
+            chat: render with the tokenizer's chat template; instruction: appended to the question.
+            max_new_tokens: as in ``generate`` (default 32, as :func:`flowsieve.generate.generate`).
+            generate_kwargs: passed to ``model.generate``. ``eos_token_id`` defaults to every
+                end-of-sequence id of the generation config, config and tokenizer (where
+                :func:`flowsieve.generate.generate` stops). Inputs, cache, attention mask and
+                position ids are this method's; one sequence only (no beams); no prefill chunking
+                by ``generate`` (use :attr:`chunk`); no ``use_cache``, attentions or hidden states
+                (the first step is not a real forward pass).
+
+        Returns:
+            the new token ids (end-of-sequence included if generated), as ``GenResult.token_ids``;
+            ``tokenizer.decode(ids, skip_special_tokens=True)`` is ``GenResult.text``.
+
+        Prefill site only: for the ``decode``, ``select`` and ``layer`` sites use
+        ``with sieve.on(model): model.generate(...)``.
+        """
+        if self.method == DEFAULT:
+            return self.resolve(mode).generate(
+                model,
+                tokenizer,
+                context,
+                question,
+                mode=mode,
+                chat=chat,
+                instruction=instruction,
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
+            )
+        if self.site != "prefill":
+            raise FlowsieveError(
+                f"Sieve.generate runs prefill-site sieves only, not '{self.site}': use "
+                "`with sieve.on(model): model.generate(...)` (or flowsieve.generate.generate)"
+            )
+        bad = sorted(set(generate_kwargs) & _OWNED_GENERATE_KWARGS)
+        if bad:
+            raise FlowsieveError(f"Sieve.generate sets or cannot honour {', '.join(bad)}; leave them out")
+        config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        if any(
+            generate_kwargs.get(k, getattr(config, k, 1) or 1) != 1
+            for k in ("num_beams", "num_return_sequences")
+        ):
+            raise FlowsieveError("Sieve.generate runs one sequence (num_beams=1, num_return_sequences=1)")
+        prompt = checked_prompt(model, tokenizer, context, question, chat, instruction, mode, max_new_tokens)
+        pre = prefill_cache(model, prompt, self, mode, tokenizer, chat)
+        ids = torch.tensor([prompt.ids], device=pre.logits.device)
+        generate_kwargs.setdefault("eos_token_id", sorted(eos_ids(model, tokenizer)) or None)
+        first = {"pending": True}
+
+        def stand_in(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # generate's first pass would feed the prompt again: one token on a throwaway cache instead
+            if not first["pending"]:
+                return None
+            for k in ("input_ids", "position_ids", "attention_mask", "cache_position", "inputs_embeds"):
+                kwargs.pop(k, None)
+            kwargs.update(input_ids=ids[:, -1:], cache=plain_cache(model), use_cache=True)
+            return (), kwargs
+
+        def answer(mod: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+            # ... answered with the prefill's logits and the compressed cache
+            if not first["pending"]:
+                return None
+            first["pending"] = False
+            output.logits = pre.logits
+            output.cache = pre.cache
+            return output
+
+        h1 = model.register_forward_pre_hook(stand_in, with_kwargs=True)
+        h2 = model.register_forward_hook(answer, with_kwargs=True)
+        try:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                cache=pre.cache,
+                max_new_tokens=max_new_tokens,
+                prefill_chunk_size=None,
+                **generate_kwargs,
+            )
+        finally:
+            h1.remove()
+            h2.remove()
+        seq = getattr(out, "sequences", out)
+        return [int(t) for t in seq[0, ids.shape[1] :]]
+
+
+def describe_default(mode: str) -> str:
+    """The default sieve of ``mode`` in the bench's ``method@opt=value`` spelling."""
+    d = dict(DEFAULTS[mode])
+    return "@".join([d.pop("method"), *(f"{k}={str(v).lower()}" for k, v in d.items())])
 
 
 def list_methods() -> list[dict[str, Any]]:

@@ -94,8 +94,12 @@ def _shareable(job: Job) -> bool:
     if c.system != "flowsieve" or c.is_full or c.site != "prefill" or job.task.teacher_forced:
         return False
     from flowsieve.methods import METHODS
+    from flowsieve.sieve import DEFAULT
 
-    return not getattr(METHODS.get(parse_method(c.method)[0]), "replays", False)  # replays: own passes
+    name = parse_method(c.method)[0]
+    if name == DEFAULT:  # resolved per mode; no default replays
+        return True
+    return not getattr(METHODS.get(name), "replays", False)  # replays: own passes
 
 
 def _share_groups(jobs: list[Job]) -> list[list[Job]]:

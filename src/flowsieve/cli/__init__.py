@@ -114,7 +114,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from flowsieve.sieve import list_methods
+    from flowsieve.sieve import DEFAULT_WHY, DEFAULTS, describe_default, list_methods
 
     rows = list_methods()
     if args.json:
@@ -122,6 +122,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"{r['name']:<14} {','.join(r['sites']):<16} {r['paper']}")
+    for mode in DEFAULTS:
+        print(f"default ({mode}): {describe_default(mode)} — {DEFAULT_WHY}")
     return 0
 
 
@@ -148,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FlowsieveError("the prompt is empty")
     _set_threads(args.threads)
     sieve = None
-    if args.sieve not in (None, "full", "none"):
+    if args.sieve not in ("full", "none"):
         keep = args.keep if args.budget is None else None
         if keep is None and args.budget is None:
             raise FlowsieveError("give --keep R or --budget TOKENS with --sieve")
@@ -158,9 +160,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             budget=args.budget,
             site=args.site,
             window=args.window,
-            rows=args.rows,
+            chunk=args.chunk,
+            seed=args.seed,
             options=_parse_options(args.option),
+            units=args.units,
+            refeed=args.refeed,
+            rows=args.rows,
         )
+        if sieve.refeed and (not args.question or args.agnostic):
+            # checked before the model loads (the prefill site would say the same after loading)
+            raise FlowsieveError("refeed needs a question, in query-aware mode (--question, no --agnostic)")
     model, tok = load(args.model, trust_remote_code=args.trust_remote_code)
     mode = "query_aware" if args.question else "query_agnostic"
     if args.question and args.agnostic:
@@ -176,7 +185,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     out = r.to_dict()
-    out.update({"model": args.model, "sieve": args.sieve or "full", "site": args.site, "mode": mode})
+    name = sieve.resolve(mode).method if sieve is not None else "full"
+    out.update({"model": args.model, "sieve": name, "site": args.site, "mode": mode})
     out.pop("token_ids", None)
     if args.json:
         print(json.dumps(out))
@@ -268,27 +278,52 @@ def build_parser() -> argparse.ArgumentParser:
     gsrc.add_argument("--prompt", dest="text", help="the context itself")
     g.add_argument("--question", help="asked after the context; never evicted")
     g.add_argument("--agnostic", action="store_true", help="compress before the question is seen")
-    g.add_argument("--sieve", help="method name (flowsieve ls), or 'full' for no compression")
+    g.add_argument(
+        "--sieve",
+        metavar="METHOD",
+        default="default",
+        help="method (flowsieve ls; default: the mode's default), 'full' = none",
+    )
     g.add_argument(
         "--site",
         default="prefill",
-        help="prefill (default), decode, select or layer (`flowsieve ls` lists each method's sites)",
+        help="prefill (default), decode, select or layer (see `flowsieve ls`)",
     )
-    g.add_argument("--keep", type=float, default=0.25, help="share of KV entries to keep (default 0.25)")
-    g.add_argument("--budget", type=int, help="entries to keep instead of --keep")
+    g.add_argument(
+        "--keep", type=float, default=0.25, metavar="R", help="share of KV entries to keep (default 0.25)"
+    )
+    g.add_argument("--budget", type=int, metavar="N", help="entries to keep per layer instead of --keep")
     g.add_argument(
         "--window",
         type=int,
         default=32,
-        help="observation window of query-agnostic compression (and of --rows window), always kept",
+        metavar="N",
+        help="observation window of query-agnostic compression, always kept (default 32)",
     )
     g.add_argument(
         "--rows",
         choices=("question", "window"),
         default="question",
-        help="queries that observe a query-aware compression: the question span (default) or the "
-        "last --window prompt tokens",
+        help="query-aware observers: question span (default) or last --window tokens",
     )
+    g.add_argument(
+        "--chunk",
+        type=int,
+        metavar="N",
+        help="prefill N tokens at a time, compressing after each (N >= --window)",
+    )
+    g.add_argument(
+        "--units",
+        choices=("token", "sentence"),
+        default="token",
+        help="keep single entries (default) or whole sentences (prefill site only)",
+    )
+    g.add_argument(
+        "--refeed",
+        action="store_true",
+        help="query-aware prefill: feed the question again over the compressed cache",
+    )
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of random methods (default 0)")
     g.add_argument("--option", action="append", metavar="NAME=VALUE", help="method option (repeatable)")
     g.add_argument(
         "--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template"

@@ -59,4 +59,5 @@ def prefill_cache(
         cache = plain_cache(model)
         logits = forward(model, cache, prompt.ids)
         return Prefilled(cache, logits, stored_tokens(cache), {})
+    sieve = sieve.resolve(mode)
     return get_site(sieve.site).prefill(model, prompt, sieve, mode, tokenizer, chat)

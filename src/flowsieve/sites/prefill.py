@@ -268,6 +268,7 @@ def prefill_shared(
     compressed copy of the cache). ``extra["shared_forward_s"]`` is the shared pass,
     ``extra["own_s"]`` this sieve's scoring, compression and question tail.
     """
+    sieves = [s.resolve(mode) for s in sieves]
     check_shareable(sieves)
     head, tail = split(prompt, mode)
     T = len(head)

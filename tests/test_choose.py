@@ -1,0 +1,64 @@
+"""The pre-declared aggregate: shares against the full context, cells that measure nothing left
+out, bits per byte inverted, failures count 0, peers never the default."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowsieve.bench.choose import MIN_FULL, markdown, shares, standings, winners
+from flowsieve.errors import FlowsieveError
+
+
+def row(
+    method, score, *, system="flowsieve", task="needle", keep=0.25, mode="query_aware", model="m", bpb=None
+):
+    return {
+        "system": system,
+        "method": method,
+        "task": task,
+        "task_params": {"length": 100},
+        "keep": 1.0 if method == "full" else keep,
+        "mode": mode,
+        "model": model,
+        "score": score,
+        "bits_per_byte": bpb,
+    }
+
+
+def test_share_is_the_kept_part_of_the_full_score_capped_at_one():
+    rows = [row("full", 1.0), row("full", 0.0), row("a", 0.0), row("a", 0.5), row("b", 1.0), row("b", 1.0)]
+    s = shares(rows)["query_aware"]
+    assert s[("flowsieve", "a")] == {("m", "needle[length=100]", 0.25): pytest.approx(0.5)}
+    assert s[("flowsieve", "b")] == {("m", "needle[length=100]", 0.25): 1.0}  # 1.0 / 0.5, capped
+
+
+def test_cells_where_the_full_context_fails_are_left_out():
+    low = MIN_FULL / 2
+    rows = [row("full", low), row("a", low)]
+    assert shares(rows) == {}
+
+
+def test_bits_per_byte_lower_is_better():
+    rows = [row("full", None, task="lm", bpb=1.0), row("a", None, task="lm", bpb=1.25)]
+    ((_, share),) = shares(rows)["query_aware"][("flowsieve", "a")].items()
+    assert share == pytest.approx(0.8)
+
+
+def test_aggregate_counts_missing_cells_as_zero_and_peers_over_their_own():
+    rows = [row("full", 1.0), row("full", 1.0, model="n"), row("a", 1.0), row("a", 1.0, model="n")]
+    rows += [row("b", 1.0)]  # b failed on model n
+    rows += [row("snapkv", 0.5, system="kvpress")]  # the peer only runs model m
+    table = {s.label: s for s in standings(rows)["query_aware"]}
+    assert table["a"].aggregate == 1.0
+    assert table["b"].aggregate == 0.5
+    assert table["kvpress:snapkv"].aggregate == 0.5 and table["kvpress:snapkv"].cells == 1
+    assert winners(rows)["query_aware"].method == "a"
+    assert "| a | **100.0** | 2 |" in markdown(rows)
+
+
+def test_a_peer_is_never_the_default():
+    rows = [row("full", 1.0), row("snapkv", 1.0, system="kvpress"), row("a", 0.2)]
+    assert standings(rows)["query_aware"][0].system == "kvpress"
+    assert winners(rows)["query_aware"].method == "a"
+    with pytest.raises(FlowsieveError, match="no flowsieve candidate"):
+        winners([row("full", 1.0), row("snapkv", 1.0, system="kvpress")])
