@@ -6,7 +6,7 @@ NVIDIA's RULER data), then
 
 - ``plain``: prefills the prompt into a stock cache (SDPA);
 - ``METHOD``: prefills while observing what the method needs, scores and shrinks the cache to
-  ``--keep`` (query-aware, one pass);
+  ``--keep`` (``--mode``, query-aware by default; one pass); ``default`` is the mode's default sieve;
 - ``METHOD#chunk``: the same in chunks of ``--chunk`` tokens, compressing after each chunk, so the
   cache never holds more than budget + chunk entries;
 
@@ -16,7 +16,8 @@ ratios against ``plain``: prefill time (target <= 1.10), decode tokens/s, KV byt
 (total, and above the loaded model).
 
 Usage: .venv/bin/python benchmarks/kv_speed.py --tokens 4096 --methods snapkv,flowcut,h2o \\
-           [--keep 0.25] [--chunk 512] [--decode 64] [--threads 2] [--repeats 3] [--json OUT]
+           [--keep 0.25] [--mode query_agnostic] [--chunk 512] [--decode 64] [--threads 2] \\
+           [--repeats 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def child(job: str, a: argparse.Namespace) -> dict:
                 units=units,
                 refeed=refeed,
             )
-            pre = prefill_cache(model, prompt, sieve, "query_aware", tok, chat)
+            pre = prefill_cache(model, prompt, sieve, a.mode, tok, chat)
             cache, logits = pre.cache, pre.logits
         prefill_s = time.perf_counter() - t0
         prefill_peak = rss.stop()
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--methods", default="snapkv,flowcut,h2o")
     ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--mode", default="query_aware", choices=("query_aware", "query_agnostic"))
     ap.add_argument("--chunk", type=int, default=512, help="also run the first method chunked (0: no)")
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -119,7 +121,7 @@ def main() -> None:
     for r in range(a.repeats):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
             args = [sys.executable, __file__, "--child", job]
-            for k in ("model", "tokens", "keep", "decode", "threads"):
+            for k in ("model", "tokens", "keep", "mode", "decode", "threads"):
                 args += [f"--{k}", str(getattr(a, k))]
             proc = subprocess.run(args, capture_output=True, text=True)
             if proc.returncode != 0:

