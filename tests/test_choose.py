@@ -62,3 +62,24 @@ def test_a_peer_is_never_the_default():
     assert winners(rows)["query_aware"].method == "a"
     with pytest.raises(FlowsieveError, match="no flowsieve candidate"):
         winners([row("full", 1.0), row("snapkv", 1.0, system="kvpress")])
+
+
+def test_choose_command_prints_the_table_and_winners(tmp_path, capsys):
+    from flowsieve.bench.store import Store
+    from flowsieve.cli import main
+
+    db = tmp_path / "r.sqlite"
+    measures = dict.fromkeys(
+        ("prompt_tokens", "kept_tokens", "kv_bytes", "kv_bytes_full", "peak_rss_mb", "prefill_s"), None
+    )
+    measures |= dict.fromkeys(("decode_tok_s", "new_tokens", "token_agreement", "kl_answer_start"), None)
+    with Store(db) as store:
+        for i, (method, score) in enumerate([("full", 1.0), ("a", 0.5), ("b", 1.0)]):
+            r = row(method, score)
+            r |= {"site": "prefill", "budget": 0, "item_id": f"x{i}", "seed": 0, "max_new_tokens": 4}
+            r |= {"prediction": "", **measures}
+            store.add(r)
+    assert main(["choose", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "| b | **100.0** | 1 |" in out and "winner (query_aware): b" in out
+    assert main(["choose", "--db", str(tmp_path / "missing.sqlite")]) == 2

@@ -169,6 +169,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_choose(args: argparse.Namespace) -> int:
+    """Print the pre-declared aggregate of every candidate per mode, and each mode's winner."""
+    from flowsieve.bench.choose import markdown, winners
+    from flowsieve.bench.store import Store
+
+    rows: list[dict[str, Any]] = []
+    for db in args.db:
+        if not Path(db).exists():
+            raise FlowsieveError(f"no results store at {db}")
+        with Store(db, create=False) as store:
+            rows += store.rows()
+    if not rows:
+        raise FlowsieveError("the stores hold no rows")
+    print(markdown(rows))
+    for mode, w in winners(rows).items():
+        print(f"winner ({mode}): {w.label} — aggregate {100 * w.aggregate:.1f}% over {w.cells} cells")
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
     """Add ``bench`` and ``report`` to the ``flowsieve`` subcommands (``parser.add_subparsers()``)."""
     from flowsieve.bench.config import DEV_SEEDS, HEADLINE_SEEDS, PEERS, SITES
@@ -291,5 +310,14 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(func=cmd_report)
 
+    c = subparsers.add_parser(
+        "choose",
+        help="rank candidates by the pre-declared aggregate (flowsieve.bench.choose)",
+        description="Per mode: every candidate's mean share of the full context's result kept, over "
+        "the (model, task, keep) cells where the full context scores above chance; and the winner.",
+    )
+    c.add_argument("--db", required=True, action="append", help="a results store (repeatable)")
+    c.set_defaults(func=cmd_choose)
 
-__all__ = ["add_commands", "cmd_bench", "cmd_report", "parse_params", "parse_peers", "parse_seeds"]
+
+__all__ = ["add_commands", "cmd_bench", "cmd_choose", "cmd_report", "parse_params", "parse_peers", "parse_seeds"]
