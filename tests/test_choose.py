@@ -83,3 +83,24 @@ def test_choose_command_prints_the_table_and_winners(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| b | **100.0** | 1 |" in out and "winner (query_aware): b" in out
     assert main(["choose", "--db", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_headline_table_and_plots(tmp_path):
+    from flowsieve.bench.headline import PLOT_PREFIX, markdown_table, write
+
+    rows = [row("full", 1.0), row("a", 0.5), row("b", 1.0), row("c", 0.2), row("d", 0.1)]
+    rows += [row("a", 0.5, keep=0.1), row("b", 0.5, keep=0.1), row("snapkv", 0.3, system="kvpress")]
+    for r in rows:
+        r |= {"kv_bytes": 25, "kv_bytes_full": 100}
+    text = markdown_table(rows)
+    assert "`b` (75.0%)" in text
+    assert (
+        "| query_aware | needle[length=100] | m | 0.25 | **100%** | kvpress:snapkv | 30% | 0.25, 0.25 |"
+        in text
+    )
+    stale = tmp_path / f"{PLOT_PREFIX}old.png"
+    stale.write_bytes(b"x")
+    paths = write(rows, tmp_path)
+    assert not stale.exists()
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"

@@ -185,6 +185,11 @@ def cmd_choose(args: argparse.Namespace) -> int:
     print(markdown(rows))
     for mode, w in winners(rows).items():
         print(f"winner ({mode}): {w.label} — aggregate {100 * w.aggregate:.1f}% over {w.cells} cells")
+    if args.out:
+        from flowsieve.bench.headline import write
+
+        for path in write(rows, args.out):
+            print(path)
     return 0
 
 
@@ -317,7 +322,20 @@ def add_commands(subparsers: Any) -> None:
         "the (model, task, keep) cells where the full context scores above chance; and the winner.",
     )
     c.add_argument("--db", required=True, action="append", help="a results store (repeatable)")
+    c.add_argument(
+        "--out",
+        metavar="DIR",
+        help="also write headline.md and one plot per model, task and mode (old plots removed)",
+    )
     c.set_defaults(func=cmd_choose)
 
 
-__all__ = ["add_commands", "cmd_bench", "cmd_choose", "cmd_report", "parse_params", "parse_peers", "parse_seeds"]
+__all__ = [
+    "add_commands",
+    "cmd_bench",
+    "cmd_choose",
+    "cmd_report",
+    "parse_params",
+    "parse_peers",
+    "parse_seeds",
+]
