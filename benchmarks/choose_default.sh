@@ -4,7 +4,7 @@
 #   bash benchmarks/choose_default.sh MODEL DB [SEED] [LIMIT] [HAYSTACK]
 #
 # Candidates: the flowsieve configurations below and kvpress's presses at the same keeps, on the
-# needle tasks (context ~1024 tokens), QA (gold passage alone), multi-document QA and, without a
+# needle tasks (context ~1024 tokens), QA (gold passage and other paragraphs, 768 tokens), multi-document QA and, without a
 # question, bits per byte. HAYSTACK "wiki" runs the needle tasks alone, on the held-out Wikipedia
 # haystack; NEEDLE_TASKS (default needle,multi_needle,needle_thread) narrows the needle tasks. SEED must be a headline seed (flowsieve.bench.config.HEADLINE_SEEDS) for
 # numbers that are reported. Then: flowsieve bench choose --db DB
@@ -26,7 +26,7 @@ if [[ -z $haystack ]]; then
     for mode in query_aware query_agnostic; do
         methods=$aware; [[ $mode == query_agnostic ]] && methods=$agnostic
         $fs bench "${common[@]}" --modes $mode --methods "$methods" --peers kvpress:snapkv+tova+keydiff \
-            --tasks qa,multidoc_qa
+            --tasks qa@length=768,multidoc_qa
     done
     $fs bench "${common[@]}" --modes query_agnostic --methods "$agnostic" --tasks lm --length 1024
 fi
